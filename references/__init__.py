@@ -1,0 +1,1 @@
+"""Float64 NumPy references for the normalization family. No framework imports here."""

@@ -1,0 +1,171 @@
+"""Float64 normalization over a chosen set of reduction axes, forward and backward.
+
+Every member of the family (InstanceNorm, GroupNorm, LayerNorm, BatchNorm in training
+mode) normalizes x over some axes and then applies a per-channel scale and shift. This
+module owns that shared mathematics; the operator modules only choose the axes.
+
+For each slice (the elements that share one mean), with M elements in the slice:
+
+    mu = mean(x),  var = mean((x - mu)^2)            (biased, two-pass)
+    rstd = 1 / sqrt(var + eps),  xhat = (x - mu) * rstd
+    y = gamma * xhat + beta
+
+With upstream gradient dy and g = gamma * dy, sums taken per slice:
+
+    dx = rstd / M * (M * g - sum(g) - xhat * sum(g * xhat))
+
+and the parameter gradients sum dy and dy * xhat over every axis but the channel axis.
+
+All arithmetic is float64, whatever dtype the inputs arrive in. Degenerate slices follow
+IEEE arithmetic: a constant slice has var = 0, so with eps > 0 it gives xhat = 0 and
+y = beta, and with eps = 0 it gives rstd = inf and xhat = 0 * inf = NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CHANNEL_AXIS = 1
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Per-slice statistics, shaped to broadcast against x (reduced axes kept as 1)."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    rstd: np.ndarray
+
+
+@dataclass(frozen=True)
+class Forward:
+    output: np.ndarray
+    xhat: np.ndarray
+    stats: Statistics
+
+
+@dataclass(frozen=True)
+class Gradients:
+    grad_input: np.ndarray
+    grad_gamma: np.ndarray
+    grad_beta: np.ndarray
+
+
+def as_float64(array: np.ndarray) -> np.ndarray:
+    """Return array as float64 (a bfloat16 input arrives in a wider container)."""
+    return np.asarray(array, dtype=np.float64)
+
+
+def broadcast_parameter(parameter: np.ndarray, ndim: int) -> np.ndarray:
+    """Reshape a per-channel vector of length C to broadcast along axis 1 of x."""
+    shape = [1] * ndim
+    shape[CHANNEL_AXIS] = -1
+    return as_float64(parameter).reshape(shape)
+
+
+def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
+    """Compute the two-pass mean, biased variance and rstd over the given axes."""
+    x = as_float64(x)
+    with np.errstate(invalid="ignore"):
+        mean = np.mean(x, axis=axes, keepdims=True)
+        # One correction pass: the rounded mean of a constant slice of, say, 0.1 is
+        # an ulp off, which would leave var near 1e-34 instead of exactly 0. Each
+        # x - mean is then exact (Sterbenz), so adding their mean lands on the value.
+        mean = mean + np.mean(x - mean, axis=axes, keepdims=True)
+        centered = x - mean
+        var = np.mean(centered * centered, axis=axes, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rstd = 1.0 / np.sqrt(var + eps)
+    return Statistics(mean=mean, var=var, rstd=rstd)
+
+
+def forward(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    eps: float,
+    axes: tuple[int, ...],
+) -> Forward:
+    """Normalize x over `axes`, then scale by gamma and shift by beta per channel."""
+    x = as_float64(x)
+    stats = statistics(x, eps, axes)
+
+    with np.errstate(invalid="ignore"):
+        xhat = (x - stats.mean) * stats.rstd
+        output = broadcast_parameter(gamma, x.ndim) * xhat + broadcast_parameter(
+            beta, x.ndim
+        )
+
+    return Forward(output=output, xhat=xhat, stats=stats)
+
+
+def parameter_axes(ndim: int) -> tuple[int, ...]:
+    """Return every axis but the channel axis: gamma and beta are shared over them."""
+    return tuple(axis for axis in range(ndim) if axis != CHANNEL_AXIS)
+
+
+def reduction_length(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    """Return M, the number of elements in one normalized slice."""
+    return int(np.prod([shape[axis] for axis in axes], dtype=np.int64))
+
+
+def backward(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    grad_output: np.ndarray,
+    eps: float,
+    axes: tuple[int, ...],
+    fwd: Forward | None = None,
+) -> Gradients:
+    """Return the input, gamma and beta gradients by the compact formula.
+
+    `fwd` may carry a forward result already computed for the same x and eps.
+    """
+    x = as_float64(x)
+    dy = as_float64(grad_output)
+    if fwd is None:
+        fwd = forward(x, gamma, np.zeros_like(as_float64(gamma)), eps, axes)
+    xhat, rstd = fwd.xhat, fwd.stats.rstd
+    m = reduction_length(x.shape, axes)
+
+    with np.errstate(invalid="ignore"):
+        g = broadcast_parameter(gamma, x.ndim) * dy
+        sum_g = np.sum(g, axis=axes, keepdims=True)
+        sum_g_xhat = np.sum(g * xhat, axis=axes, keepdims=True)
+        grad_input = rstd / m * (m * g - sum_g - xhat * sum_g_xhat)
+
+        shared = parameter_axes(x.ndim)
+        grad_gamma = np.sum(dy * xhat, axis=shared)
+        grad_beta = np.sum(dy, axis=shared)
+
+    return Gradients(grad_input=grad_input, grad_gamma=grad_gamma, grad_beta=grad_beta)
+
+
+def backward_three_term(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    grad_output: np.ndarray,
+    eps: float,
+    axes: tuple[int, ...],
+) -> np.ndarray:
+    """Return the input gradient by the chain rule through mu and var.
+
+    This is the dx/dmu and dx/dvar form that MXNet's kernels write out. It equals
+    the compact formula in exact arithmetic and serves as an independent check of it.
+    """
+    x = as_float64(x)
+    dy = as_float64(grad_output)
+    stats = statistics(x, eps, axes)
+    m = reduction_length(x.shape, axes)
+    centered = x - stats.mean
+    g = broadcast_parameter(gamma, x.ndim) * dy
+
+    grad_var = np.sum(g * centered, axis=axes, keepdims=True) * -0.5 * stats.rstd**3
+    grad_mean = (
+        -np.sum(g, axis=axes, keepdims=True) * stats.rstd
+        + grad_var * np.sum(-2.0 * centered, axis=axes, keepdims=True) / m
+    )
+
+    return g * stats.rstd + grad_var * 2.0 * centered / m + grad_mean / m
