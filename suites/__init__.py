@@ -1,0 +1,1 @@
+"""The conformance suites, the case catalogue, the error model and the report."""

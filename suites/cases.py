@@ -1,0 +1,296 @@
+"""The InstanceNorm case catalogue: named, seeded, reproducible inputs.
+
+A case fixes the shape, eps, the affine flag and a generator for each input. It does
+not fix a dtype: the suite rounds the generated float64 values to each tested dtype, and
+the reference computes from those rounded values. Random streams are seeded from the run
+seed and the case name, so a case's inputs do not depend on which other cases run.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from suites import dtypes
+
+
+class Generator:
+    """Makes one float64 input array from a seeded random stream."""
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        raise NotImplementedError
+
+    def max_abs(self) -> float:
+        """Return an upper bound on |value|, used to drop cases a dtype cannot hold."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Normal(Generator):
+    loc: float = 0.0
+    scale: float = 1.0
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        return rng.normal(self.loc, self.scale, size=shape)
+
+    def max_abs(self) -> float:
+        # Seven standard deviations: a float64 normal sample beyond that is rarer
+        # than 1e-11 per element.
+        return abs(self.loc) + 7.0 * self.scale
+
+
+@dataclass(frozen=True)
+class Uniform(Generator):
+    low: float
+    high: float
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        return rng.uniform(self.low, self.high, size=shape)
+
+    def max_abs(self) -> float:
+        return max(abs(self.low), abs(self.high))
+
+
+@dataclass(frozen=True)
+class Constant(Generator):
+    value: float
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        return np.full(shape, self.value, dtype=np.float64)
+
+    def max_abs(self) -> float:
+        return abs(self.value)
+
+
+@dataclass(frozen=True)
+class WithConstantSlice(Generator):
+    """Draws from `base`, then sets the (n, c) slice `index` to `value` throughout."""
+
+    base: Generator
+    value: float
+    index: tuple[int, int] = (0, 1)
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        values = self.base.generate(rng, shape)
+        if values.size:
+            values[self.index] = self.value
+        return values
+
+    def max_abs(self) -> float:
+        return max(self.base.max_abs(), abs(self.value))
+
+
+DEFAULT_X = Normal()
+DEFAULT_GAMMA = Uniform(0.5, 1.5)
+DEFAULT_BETA = Normal(0.0, 0.5)
+DEFAULT_GRAD_OUTPUT = Normal()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One catalogue entry.
+
+    `rejection_allowed` says whether a framework that raises on this input conforms;
+    `rejection_reason` says why when it does.
+    """
+
+    name: str
+    group: str
+    description: str
+    shape: tuple[int, ...]
+    eps: float = 1e-5
+    affine: bool = True
+    x: Generator = DEFAULT_X
+    gamma: Generator = DEFAULT_GAMMA
+    beta: Generator = DEFAULT_BETA
+    grad_output: Generator = DEFAULT_GRAD_OUTPUT
+    rejection_allowed: bool = False
+    rejection_reason: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def reduction_length(self) -> int:
+        """M, the number of elements in one (n, c) slice."""
+        return int(np.prod(self.shape[2:], dtype=np.int64))
+
+    def fits(self, dtype: str) -> bool:
+        """Return True if every generated value is finite in `dtype`."""
+        generators = (self.x, self.gamma, self.beta, self.grad_output)
+        largest = max(generator.max_abs() for generator in generators)
+        return largest < dtypes.MAX_FINITE[dtype]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One case's inputs, rounded to the tested dtype (see suites.dtypes.CONTAINER)."""
+
+    x: np.ndarray
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    grad_output: np.ndarray
+
+
+def _stream(seed: int, case_name: str, role: str) -> np.random.Generator:
+    key = [seed, zlib.crc32(case_name.encode()), zlib.crc32(role.encode())]
+    return np.random.default_rng(key)
+
+
+def generate_float64(case: Case, seed: int) -> dict[str, np.ndarray]:
+    """Draw the case's float64 inputs, one independent stream per input."""
+    channels = (case.channels,)
+    return {
+        "x": case.x.generate(_stream(seed, case.name, "x"), case.shape),
+        "gamma": case.gamma.generate(_stream(seed, case.name, "gamma"), channels),
+        "beta": case.beta.generate(_stream(seed, case.name, "beta"), channels),
+        "grad_output": case.grad_output.generate(
+            _stream(seed, case.name, "grad_output"), case.shape
+        ),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def materialize(case: Case, dtype: str, seed: int) -> Inputs:
+    """Return the case's inputs rounded to `dtype` (gamma = beta = None for affine off).
+
+    The arrays are shared between callers through the cache: treat them as read-only.
+    """
+    raw = generate_float64(case, seed)
+    rounded = {name: dtypes.round_to(values, dtype) for name, values in raw.items()}
+    for array in rounded.values():
+        array.flags.writeable = False
+    return Inputs(
+        x=rounded["x"],
+        gamma=rounded["gamma"] if case.affine else None,
+        beta=rounded["beta"] if case.affine else None,
+        grad_output=rounded["grad_output"],
+    )
+
+
+M1_REASON = (
+    "a one-element slice has zero variance, so normalizing it carries no information"
+)
+EPS0_CONSTANT_REASON = "eps = 0 on a constant slice is 0/0; the exact answer is NaN"
+EMPTY_REASON = "an empty batch has no slices, so rejecting it loses no result"
+
+CATALOGUE: tuple[Case, ...] = (
+    Case("random-1d", "shape", "normal x, spatial rank 1", (2, 3, 17)),
+    Case("random-2d", "shape", "normal x, spatial rank 2", (2, 3, 5, 7)),
+    Case("random-3d", "shape", "normal x, spatial rank 3", (2, 2, 3, 4, 5)),
+    Case(
+        "no-affine",
+        "shape",
+        "affine off: gamma = 1, beta = 0, no parameter gradients",
+        (2, 3, 6, 6),
+        affine=False,
+    ),
+    Case(
+        "M1",
+        "degenerate",
+        "spatial size 1 (rank 1): var = 0, y = beta, dx = 0",
+        (2, 3, 1),
+        rejection_allowed=True,
+        rejection_reason=M1_REASON,
+    ),
+    Case(
+        "M1x1",
+        "degenerate",
+        "spatial size 1x1: var = 0, y = beta, dx = 0",
+        (2, 3, 1, 1),
+        rejection_allowed=True,
+        rejection_reason=M1_REASON,
+    ),
+    Case(
+        "constant-slice",
+        "degenerate",
+        "slice (0, 1) constant 2.5, the rest normal: that slice gives y = beta "
+        "and dx = (g - mean(g)) / sqrt(eps)",
+        (2, 3, 4, 4),
+        x=WithConstantSlice(Normal(), 2.5),
+    ),
+    Case(
+        "constant-slice-eps0",
+        "degenerate",
+        "slice (0, 1) constant with eps = 0: NaN there, finite elsewhere",
+        (2, 3, 4, 4),
+        eps=0.0,
+        x=WithConstantSlice(Normal(), 2.5),
+        rejection_allowed=True,
+        rejection_reason=EPS0_CONSTANT_REASON,
+    ),
+    Case(
+        "N0",
+        "degenerate",
+        "empty batch: empty output, zero parameter gradients",
+        (0, 3, 4, 4),
+        rejection_allowed=True,
+        rejection_reason=EMPTY_REASON,
+    ),
+    Case(
+        "tiny-variance",
+        "conditioning",
+        "offset 1000, spread 1e-4, eps 1e-5: var is far below eps",
+        (2, 3, 8, 8),
+        x=Normal(1000.0, 1e-4),
+    ),
+    Case(
+        "large-mean-1e4",
+        "conditioning",
+        "offset 1e4, unit spread: one-pass variance cancels",
+        (2, 3, 16, 16),
+        x=Normal(1e4, 1.0),
+    ),
+    Case(
+        "large-mean-1e6",
+        "conditioning",
+        "offset 1e6, unit spread: one-pass variance cancels",
+        (2, 3, 16, 16),
+        x=Normal(1e6, 1.0),
+    ),
+    Case(
+        "long-reduction",
+        "conditioning",
+        "M = 512 * 512 elements per slice, offset 1",
+        (1, 2, 512, 512),
+        x=Normal(1.0, 1.0),
+    ),
+    Case("eps0", "eps", "eps = 0 on well-conditioned normal x", (2, 3, 6, 6), eps=0.0),
+    Case("eps1e-3", "eps", "eps = 1e-3", (2, 3, 6, 6), eps=1e-3),
+    Case("eps1e-12", "eps", "eps = 1e-12", (2, 3, 6, 6), eps=1e-12),
+    Case(
+        "gamma-negative",
+        "parameters",
+        "gamma drawn from [-1.5, -0.5]",
+        (2, 3, 6, 6),
+        gamma=Uniform(-1.5, -0.5),
+    ),
+    Case(
+        "gamma-zero",
+        "parameters",
+        "gamma = 0: y = beta exactly, dx = 0 exactly",
+        (2, 3, 6, 6),
+        gamma=Constant(0.0),
+    ),
+    Case(
+        "dy-ones",
+        "gradient",
+        "upstream gradient all ones: the exact dx is zero",
+        (2, 3, 6, 6),
+        grad_output=Constant(1.0),
+    ),
+)
+
+
+def by_name(name: str) -> Case:
+    """Return the catalogue case called `name`, or raise KeyError listing the names."""
+    for case in CATALOGUE:
+        if case.name == name:
+            return case
+    known = ", ".join(case.name for case in CATALOGUE)
+    raise KeyError(f"unknown case {name!r}; known cases: {known}")

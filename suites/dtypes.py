@@ -1,0 +1,75 @@
+"""The floating-point dtypes normconf tests, and exact rounding of inputs to them.
+
+NumPy has no bfloat16, so bfloat16 values travel in float32 arrays whose low 16 bits
+are zero. Every array handed to an adapter holds values that are exactly representable
+in the tested dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Unit roundoff u = 2^-p for a p-bit significand (round to nearest).
+UNIT_ROUNDOFF = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+}
+
+MAX_FINITE = {
+    "float64": float(np.finfo(np.float64).max),
+    "float32": float(np.finfo(np.float32).max),
+    "float16": float(np.finfo(np.float16).max),
+    # (2 - 2^-7) * 2^127
+    "bfloat16": float((2.0 - 2.0**-7) * 2.0**127),
+}
+
+DTYPES = tuple(UNIT_ROUNDOFF)
+
+# The NumPy dtype that carries each tested dtype's values exactly.
+CONTAINER = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.float32,
+}
+
+
+def check_dtype(name: str) -> str:
+    """Return name if normconf knows it, else raise ValueError listing known names."""
+    if name not in UNIT_ROUNDOFF:
+        known = ", ".join(DTYPES)
+        raise ValueError(f"unknown dtype {name!r}; known dtypes: {known}")
+    return name
+
+
+def _round_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """Round to the nearest bfloat16, ties to even, returned in a float32 array."""
+    single = np.asarray(values, dtype=np.float32)
+    bits = single.view(np.uint32).astype(np.uint64)
+    tie_breaker = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + tie_breaker) & 0xFFFF0000).astype(np.uint32)
+    result = rounded.view(np.float32).copy()
+    nan = np.isnan(single)
+    result[nan] = np.float32("nan")
+    return result
+
+
+def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values to `dtype`, in that dtype's NumPy container.
+
+    Values beyond the dtype's range become infinities, as a cast does.
+    """
+    check_dtype(dtype)
+    with np.errstate(over="ignore"):
+        if dtype == "bfloat16":
+            return _round_to_bfloat16(values)
+        return np.asarray(values, dtype=CONTAINER[dtype])
+
+
+def is_representable(values: np.ndarray, dtype: str) -> bool:
+    """Return True if every value survives rounding to `dtype` and back unchanged."""
+    values = np.asarray(values, dtype=np.float64)
+    back = round_to(values, dtype).astype(np.float64)
+    return bool(np.array_equal(back, values, equal_nan=True))
