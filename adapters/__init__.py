@@ -1,0 +1,1 @@
+"""Framework adapters. Each module imports only its own framework."""

@@ -1,0 +1,149 @@
+"""The adapter contract: what a framework adapter declares and computes.
+
+Vendors implement this to put their own backend through normconf. An adapter is a
+class (or an instance) with the attributes and methods of `Adapter` below. It only
+computes: it converts NumPy inputs to its framework, runs one implementation, and
+returns NumPy results. The suite compares them with the reference and decides every
+verdict.
+
+Contract version 1:
+
+- `framework`: a short lowercase name used in test ids and reports ("torch").
+- `version()`: the framework's version string.
+- `implementations()`: the ways this adapter computes the operator, each with a name
+  that is unique within the adapter and a flag saying whether it returns gradients.
+- `devices()`: every device the adapter knows, available or not, with the reason
+  when it is not (a missing GPU is reported, not hidden).
+- `unsupported_reason(implementation, device, dtype)`: None when the combination runs,
+  otherwise a sentence saying why not.
+- `run(request)`: compute one case and return a `Result`. Raise `Rejected` when the
+  framework refuses the input (its own error for that input); any other exception is
+  treated as the adapter breaking and gets the verdict `error`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CONTRACT_VERSION = 1
+
+OPERATORS = ("instance_norm",)
+
+
+class Rejected(Exception):
+    """The framework refused the input; the message is the framework's own error."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One way an adapter computes the operator, e.g. a native op or a reshape."""
+
+    name: str
+    description: str
+    gradients: bool = True
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device the adapter can target, with the reason when it cannot be used now."""
+
+    name: str
+    available: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One case for one implementation, device and dtype.
+
+    Arrays hold values exactly representable in `dtype`. They are NumPy arrays of that
+    dtype, except bfloat16, which arrives in float32 arrays. gamma and beta are None
+    when `affine` is False. The arrays are read-only: copy before writing.
+    """
+
+    op: str
+    implementation: str
+    device: str
+    dtype: str
+    x: np.ndarray
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    grad_output: np.ndarray
+    eps: float
+    affine: bool
+    gradients: bool
+
+
+@dataclass
+class Result:
+    """An adapter's results as NumPy arrays, in the tested dtype or any float dtype
+    that holds its values exactly (bfloat16 results usually come back as float32).
+
+    Gradients are None when the request did not ask for them, and grad_gamma and
+    grad_beta are None when affine is off. `dtype` names the dtype the framework
+    returned its output in, as normconf spells dtypes ("float32").
+    """
+
+    output: np.ndarray | None
+    grad_input: np.ndarray | None = None
+    grad_gamma: np.ndarray | None = None
+    grad_beta: np.ndarray | None = None
+    dtype: str | None = None
+
+
+class Adapter(abc.ABC):
+    """Base class for adapters. Subclassing it is optional: the suite checks methods."""
+
+    contract_version: int = CONTRACT_VERSION
+    framework: str = ""
+
+    @abc.abstractmethod
+    def version(self) -> str: ...
+
+    @abc.abstractmethod
+    def implementations(self) -> Sequence[Implementation]: ...
+
+    @abc.abstractmethod
+    def devices(self) -> Sequence[Device]: ...
+
+    def unsupported_reason(
+        self, implementation: str, device: str, dtype: str
+    ) -> str | None:
+        """Return None if the combination runs, else why not. Default: all run."""
+        return None
+
+    @abc.abstractmethod
+    def run(self, request: Request) -> Result: ...
+
+
+REQUIRED_METHODS = ("version", "implementations", "devices", "run")
+
+
+class ContractError(Exception):
+    """An adapter does not satisfy the contract (raised before any case runs)."""
+
+
+def validate(adapter: object, origin: str) -> None:
+    """Raise ContractError if `adapter` lacks a required member or has a wrong version.
+
+    `origin` names where the adapter came from, for the message.
+    """
+    version = getattr(adapter, "contract_version", None)
+    if version != CONTRACT_VERSION:
+        raise ContractError(
+            f"adapter {origin} declares contract_version {version!r}; "
+            f"this normconf supports contract version {CONTRACT_VERSION}"
+        )
+    framework = getattr(adapter, "framework", None)
+    if not isinstance(framework, str) or not framework:
+        raise ContractError(f"adapter {origin} has no `framework` name string")
+    for name in REQUIRED_METHODS:
+        if not callable(getattr(adapter, name, None)):
+            raise ContractError(f"adapter {origin} lacks the required method {name}()")
+    names = [implementation.name for implementation in adapter.implementations()]
+    if len(set(names)) != len(names):
+        raise ContractError(f"adapter {origin} has duplicate implementation names")

@@ -1,0 +1,141 @@
+"""PyTorch adapter: three ways to compute InstanceNorm, gradients through autograd."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapters.contract import (
+    CONTRACT_VERSION,
+    Adapter,
+    Device,
+    Implementation,
+    Rejected,
+    Request,
+    Result,
+)
+
+TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+Forward = Callable[
+    [torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor
+]
+
+
+def _functional(x, gamma, beta, eps):
+    return F.instance_norm(x, weight=gamma, bias=beta, use_input_stats=True, eps=eps)
+
+
+def _group_norm(x, gamma, beta, eps):
+    return F.group_norm(x, x.shape[1], weight=gamma, bias=beta, eps=eps)
+
+
+def _batch_norm_reshape(x, gamma, beta, eps):
+    batch, channels = x.shape[0], x.shape[1]
+    folded = x.reshape(1, batch * channels, *x.shape[2:])
+    weight = gamma.repeat(batch) if gamma is not None else None
+    bias = beta.repeat(batch) if beta is not None else None
+    output = F.batch_norm(
+        folded, None, None, weight=weight, bias=bias, training=True, eps=eps
+    )
+    return output.reshape(x.shape)
+
+
+IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
+    "functional": (
+        Implementation("functional", "torch.nn.functional.instance_norm"),
+        _functional,
+    ),
+    "group-norm": (
+        Implementation("group-norm", "torch.nn.functional.group_norm, groups = C"),
+        _group_norm,
+    ),
+    "batch-norm-reshape": (
+        Implementation(
+            "batch-norm-reshape",
+            "torch.nn.functional.batch_norm, training mode, on the (1, N*C, ...) "
+            "reshape with gamma and beta repeated N times",
+        ),
+        _batch_norm_reshape,
+    ),
+}
+
+
+def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
+    if tensor is None:
+        return None
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class TorchAdapter(Adapter):
+    contract_version = CONTRACT_VERSION
+    framework = "torch"
+
+    def version(self) -> str:
+        return torch.__version__
+
+    def implementations(self) -> Sequence[Implementation]:
+        return [implementation for implementation, _ in IMPLEMENTATIONS.values()]
+
+    def devices(self) -> Sequence[Device]:
+        devices = [Device("cpu")]
+        if not torch.cuda.is_available():
+            reason = (
+                f"torch {torch.__version__} sees no CUDA device "
+                f"(torch.cuda.is_available() is False, built for CUDA "
+                f"{torch.version.cuda})"
+            )
+            devices.append(Device("cuda", available=False, reason=reason))
+            return devices
+        for index in range(torch.cuda.device_count()):
+            name = "cuda" if index == 0 else f"cuda:{index}"
+            devices.append(Device(name))
+        return devices
+
+    def run(self, request: Request) -> Result:
+        _, forward = IMPLEMENTATIONS[request.implementation]
+        dtype = TORCH_DTYPES[request.dtype]
+        device = torch.device(request.device)
+
+        def tensor(array: np.ndarray | None, grad: bool) -> torch.Tensor | None:
+            if array is None:
+                return None
+            # The request's arrays are read-only; torch.tensor copies.
+            value = torch.tensor(np.asarray(array), dtype=dtype, device=device)
+            return value.requires_grad_(grad)
+
+        want = request.gradients
+        x = tensor(request.x, want)
+        gamma = tensor(request.gamma, want)
+        beta = tensor(request.beta, want)
+
+        try:
+            output = forward(x, gamma, beta, request.eps)
+            if want:
+                output.backward(tensor(request.grad_output, False))
+        except Exception as error:  # noqa: BLE001 - the framework refused the input
+            raise Rejected(f"{type(error).__name__}: {error}") from error
+
+        return Result(
+            output=_to_numpy(output),
+            grad_input=_to_numpy(x.grad) if want else None,
+            grad_gamma=_to_numpy(gamma.grad) if want and gamma is not None else None,
+            grad_beta=_to_numpy(beta.grad) if want and beta is not None else None,
+            dtype=_dtype_name(output.dtype),
+        )
