@@ -1,0 +1,184 @@
+"""The error model: how far a result may be from the float64 reference.
+
+Each element's error is measured against the magnitude of the terms that produce it
+(its forward-error scale), in units of the tested dtype's unit roundoff u:
+
+    error = |got - expected| / (scale * u)
+
+A correct implementation that rounds each intermediate to the tested dtype makes an
+error of a few u relative to that scale for each operation, and the reductions add an
+error that grows with the reduction length. The scales, per element, with
+s = (|x| + mean(|x|)) * rstd the scale of xhat and g = gamma * dy:
+
+    output      |gamma| * s + |beta|
+    grad_input  rstd / M * (M * |g| + sum|g| + |xhat| * sum(|g| * s)
+                              + s * sum(|g| * |xhat|))         (sums per slice)
+    grad_gamma  sum of |dy| * s over the batch and spatial axes
+    grad_beta   sum of |dy| over the batch and spatial axes
+
+The mean(|x|) term is there because the mean computed in the tested dtype carries an
+error proportional to the mean of |x| over the slice (about |mu| when the offset
+dominates), and every later step inherits it. A one-pass variance
+E[x^2] - E[x]^2 carries an error proportional to mu^2 instead, which no scale here
+covers, so it fails on inputs with a large mean and a small spread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from references import normalization
+from references.instance_norm import Expected
+from suites import dtypes
+
+QUANTITIES = ("output", "grad_input", "grad_gamma", "grad_beta")
+
+# Budget in units of u, per (quantity, dtype): BASE + GROWTH * sqrt(L) for a reduction
+# of length L. Recursive summation in a kernel's working precision has an error that
+# grows like sqrt(L) u for random rounding (L u at worst), and CPU float64 kernels
+# that accumulate serially show that growth: torch 2.13.0 batch_norm on the CPU
+# reached 236 u on the output at L = 2^18 over 30 seeds (benchmarks/calibrate.py).
+# NOTE: the float16 and bfloat16 entries have not been calibrated against a framework.
+BASE = 4.0
+GROWTH = 0.75
+BUDGET: dict[str, dict[str, tuple[float, float]]] = {
+    quantity: {dtype: (BASE, GROWTH) for dtype in dtypes.DTYPES}
+    for quantity in QUANTITIES
+}
+
+
+def budget(quantity: str, dtype: str, reduction_length: int) -> float:
+    """Return the largest normalized error a correct result may show."""
+    base, growth = BUDGET[quantity][dtype]
+    return base + growth * math.sqrt(max(reduction_length, 1))
+
+
+def budget_reduction_length(quantity: str, shape: tuple[int, ...]) -> int:
+    """Return the length of the reduction behind `quantity` for x of this shape.
+
+    The output and grad_input reduce over one slice (M elements). The parameter
+    gradients reduce over the batch and the slice (N * M elements).
+    """
+    m = int(np.prod(shape[2:], dtype=np.int64))
+    if quantity in ("grad_gamma", "grad_beta"):
+        return int(shape[0]) * m
+    return m
+
+
+def scales(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    grad_output: np.ndarray,
+    expected: Expected,
+) -> dict[str, np.ndarray]:
+    """Return the forward-error scale of every element of every quantity."""
+    x = normalization.as_float64(x)
+    dy = normalization.as_float64(grad_output)
+    ndim = x.ndim
+    axes = tuple(range(2, ndim))
+    m = int(np.prod(x.shape[2:], dtype=np.int64))
+    channels = x.shape[normalization.CHANNEL_AXIS]
+
+    abs_gamma = normalization.broadcast_parameter(
+        np.abs(gamma) if gamma is not None else np.ones(channels), ndim
+    )
+    abs_beta = normalization.broadcast_parameter(
+        np.abs(beta) if beta is not None else np.zeros(channels), ndim
+    )
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean_abs = np.mean(np.abs(x), axis=axes, keepdims=True)
+        s = (np.abs(x) + mean_abs) * expected.rstd
+        abs_g = abs_gamma * np.abs(dy)
+        sum_abs_g = np.sum(abs_g, axis=axes, keepdims=True)
+        abs_xhat = np.abs(expected.xhat)
+        sum_abs_g_s = np.sum(abs_g * s, axis=axes, keepdims=True)
+        sum_abs_g_xhat = np.sum(abs_g * abs_xhat, axis=axes, keepdims=True)
+        # The last term is first order in the errors of xhat * sum(g * xhat):
+        # |xhat| times the error of the sum plus the error of xhat times the sum.
+        product_scale = abs_xhat * sum_abs_g_s + s * sum_abs_g_xhat
+        shared = normalization.parameter_axes(ndim)
+
+        result = {
+            "output": abs_gamma * s + abs_beta,
+            "grad_input": expected.rstd / m * (m * abs_g + sum_abs_g + product_scale),
+            "grad_gamma": np.sum(np.abs(dy) * s, axis=shared),
+            "grad_beta": np.sum(np.abs(dy), axis=shared),
+        }
+    return result
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The worst element of one quantity, judged against its budget.
+
+    `error` is the largest normalized error (inf when a NaN or infinity is in the
+    wrong place); `index` is that element's index, None for an empty array.
+    """
+
+    error: float
+    budget: float
+    index: tuple[int, ...] | None
+    got: float | None
+    expected: float | None
+    nonfinite_mismatch: bool
+
+    @property
+    def within_budget(self) -> bool:
+        return self.error <= self.budget
+
+
+def normalized_errors(
+    got: np.ndarray, expected: np.ndarray, scale: np.ndarray, dtype: str
+) -> np.ndarray:
+    """Return |got - expected| / (scale * u) per element.
+
+    Where expected is NaN or infinite, got must match it exactly (error 0, else inf).
+    Where the scale is zero, only an exact match is correct.
+    """
+    got = normalization.as_float64(got)
+    expected = normalization.as_float64(expected)
+    unit = dtypes.UNIT_ROUNDOFF[dtype]
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        difference = np.abs(got - expected)
+        errors = difference / (scale * unit)
+
+    exact = (got == expected) | (np.isnan(got) & np.isnan(expected))
+    errors = np.where(exact, 0.0, errors)
+    # Anything left NaN is a non-finite mismatch or a 0/0 with got != expected.
+    errors = np.where(np.isnan(errors), np.inf, errors)
+    return errors
+
+
+def compare(
+    quantity: str,
+    got: np.ndarray,
+    expected: np.ndarray,
+    scale: np.ndarray,
+    dtype: str,
+    shape: tuple[int, ...],
+) -> Comparison:
+    """Judge one quantity; `shape` is the shape of x, which sets the budget."""
+    limit = budget(quantity, dtype, budget_reduction_length(quantity, shape))
+    if expected.size == 0:
+        return Comparison(0.0, limit, None, None, None, False)
+
+    errors = normalized_errors(got, expected, scale, dtype)
+    flat = int(np.argmax(errors))
+    index = tuple(int(i) for i in np.unravel_index(flat, errors.shape))
+    got_value = float(np.asarray(got, dtype=np.float64)[index])
+    expected_value = float(np.asarray(expected, dtype=np.float64)[index])
+    nonfinite = not (math.isfinite(got_value) and math.isfinite(expected_value))
+    return Comparison(
+        error=float(errors[index]),
+        budget=limit,
+        index=index,
+        got=got_value,
+        expected=expected_value,
+        nonfinite_mismatch=nonfinite and errors[index] > 0,
+    )

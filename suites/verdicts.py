@@ -1,0 +1,295 @@
+"""Run one (implementation, device, dtype, case) item and give each quantity a verdict.
+
+Verdicts:
+    pass         within the error budget
+    fail         outside the budget, or NaN or infinity where the exact answer is finite
+                 (or finite where it is NaN)
+    rejected     the framework raised on the input (conforming if the case allows it)
+    unsupported  the adapter declares that it does not run this combination
+    deviation    a documented, known difference (not produced yet: no deviations file)
+    error        the adapter broke: an unexpected exception or a malformed result
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters.contract import Rejected, Request, Result
+from references import instance_norm as reference
+from suites import error_model
+from suites.cases import Case, Inputs, materialize
+
+VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
+OP = "instance_norm"
+
+
+@dataclass
+class Record:
+    """One verdict for one (implementation, device, dtype, case, quantity)."""
+
+    op: str
+    framework: str
+    implementation: str
+    device: str
+    dtype: str
+    case: str
+    quantity: str
+    verdict: str
+    conforming: bool
+    error: float | None
+    budget: float | None
+    message: str
+    worst_index: list[int] | None = None
+    got: float | None = None
+    expected: float | None = None
+    result_dtype: str | None = None
+    deviation: int | None = None
+
+    @property
+    def item_id(self) -> str:
+        return "-".join(
+            (self.framework, self.implementation, self.device, self.dtype, self.case)
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def expected_results(case: Case, dtype: str, seed: int) -> reference.Expected:
+    """Return the float64 reference for the case's inputs rounded to `dtype`.
+
+    Cached so that every implementation and device tested in this dtype shares it.
+    """
+    inputs = materialize(case, dtype, seed)
+    return reference.instance_norm(
+        inputs.x, inputs.gamma, inputs.beta, inputs.grad_output, case.eps
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def expected_scales(case: Case, dtype: str, seed: int) -> dict[str, np.ndarray]:
+    inputs = materialize(case, dtype, seed)
+    return error_model.scales(
+        inputs.x,
+        inputs.gamma,
+        inputs.beta,
+        inputs.grad_output,
+        expected_results(case, dtype, seed),
+    )
+
+
+def quantities_for(case: Case, gradients: bool) -> tuple[str, ...]:
+    """Return the quantities that exist for this case: no parameter gradients without
+    affine parameters, and only the output when gradients are not requested."""
+    if not gradients:
+        return ("output",)
+    if not case.affine:
+        return ("output", "grad_input")
+    return error_model.QUANTITIES
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "none"
+    return f"{value:.9g}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """The coordinates of one conformance item."""
+
+    framework: str
+    implementation: str
+    device: str
+    dtype: str
+    case: Case
+    seed: int
+
+    @property
+    def item_id(self) -> str:
+        return "-".join(
+            (
+                self.framework,
+                self.implementation,
+                self.device,
+                self.dtype,
+                self.case.name,
+            )
+        )
+
+    def record(self, quantity: str, verdict: str, conforming: bool, message: str, **kw):
+        return Record(
+            op=OP,
+            framework=self.framework,
+            implementation=self.implementation,
+            device=self.device,
+            dtype=self.dtype,
+            case=self.case.name,
+            quantity=quantity,
+            verdict=verdict,
+            conforming=conforming,
+            error=kw.pop("error", None),
+            budget=kw.pop("budget", None),
+            message=message,
+            **kw,
+        )
+
+
+def unsupported_records(item: Item, reason: str, gradients: bool) -> list[Record]:
+    """Record every quantity of an item that cannot run, with the reason."""
+    return [
+        item.record(quantity, "unsupported", True, reason)
+        for quantity in quantities_for(item.case, gradients)
+    ]
+
+
+def _check_array(
+    name: str, array: object, expected_shape: tuple[int, ...]
+) -> str | None:
+    if array is None:
+        return f"{name} is missing (None) from the adapter's result"
+    if not isinstance(array, np.ndarray):
+        return f"{name} is a {type(array).__name__}, not a NumPy array"
+    if array.dtype.kind != "f":
+        return f"{name} has dtype {array.dtype}, not a floating-point dtype"
+    if array.shape != expected_shape:
+        return f"{name} has shape {array.shape}, expected {expected_shape}"
+    return None
+
+
+def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
+    """Compare an adapter's result with the reference: one record per quantity."""
+    case, dtype, seed = item.case, item.dtype, item.seed
+    quantities = quantities_for(case, gradients)
+    if not isinstance(result, Result):
+        message = f"adapter returned {type(result).__name__}, not a Result"
+        return [item.record(q, "error", False, message) for q in quantities]
+
+    expected = expected_results(case, dtype, seed)
+    scale = expected_scales(case, dtype, seed)
+    result_dtype = result.dtype
+
+    records = []
+    for quantity in quantities:
+        exact = getattr(expected, quantity)
+        got = getattr(result, quantity)
+        problem = _check_array(quantity, got, exact.shape)
+        if problem is None and result_dtype is not None and result_dtype != dtype:
+            problem = f"the framework returned {result_dtype} for a {dtype} input"
+        if problem is not None:
+            records.append(
+                item.record(
+                    quantity, "error", False, problem, result_dtype=result_dtype
+                )
+            )
+            continue
+
+        comparison = error_model.compare(
+            quantity, got, exact, scale[quantity], dtype, case.shape
+        )
+        records.append(_record_comparison(item, quantity, comparison, result_dtype))
+    return records
+
+
+def _record_comparison(
+    item: Item, quantity: str, comparison: error_model.Comparison, result_dtype
+) -> Record:
+    verdict = "pass" if comparison.within_budget else "fail"
+    if comparison.index is None:
+        message = f"{quantity}: empty, nothing to compare"
+    else:
+        where = ", ".join(str(i) for i in comparison.index)
+        relation = "<=" if comparison.within_budget else ">"
+        error_text = (
+            "a non-finite mismatch"
+            if comparison.nonfinite_mismatch
+            else f"{comparison.error:.3g} u"
+        )
+        message = (
+            f"{quantity}: worst element [{where}]: got {format_value(comparison.got)}, "
+            f"expected {format_value(comparison.expected)}, error {error_text} "
+            f"{relation} budget {comparison.budget:.3g} u of {item.dtype}"
+        )
+    return item.record(
+        quantity,
+        verdict,
+        verdict == "pass",
+        message,
+        error=comparison.error,
+        budget=comparison.budget,
+        worst_index=list(comparison.index) if comparison.index is not None else None,
+        got=comparison.got,
+        expected=comparison.expected,
+        result_dtype=result_dtype,
+    )
+
+
+def build_request(item: Item, inputs: Inputs, gradients: bool) -> Request:
+    return Request(
+        op=OP,
+        implementation=item.implementation,
+        device=item.device,
+        dtype=item.dtype,
+        x=inputs.x,
+        gamma=inputs.gamma,
+        beta=inputs.beta,
+        grad_output=inputs.grad_output,
+        eps=item.case.eps,
+        affine=item.case.affine,
+        gradients=gradients,
+    )
+
+
+def run_item(adapter: object, item: Item, gradients: bool) -> list[Record]:
+    """Run the item through the adapter and return one record per quantity.
+
+    With `gradients` False (the implementation returns none), the gradient
+    quantities are recorded as unsupported.
+    """
+    records = []
+    if not gradients:
+        reason = f"implementation {item.implementation} returns no gradients"
+        records = [
+            item.record(quantity, "unsupported", True, reason)
+            for quantity in quantities_for(item.case, True)
+            if quantity != "output"
+        ]
+    return _run(adapter, item, gradients) + records
+
+
+def _run(adapter: object, item: Item, gradients: bool) -> list[Record]:
+    inputs = materialize(item.case, item.dtype, item.seed)
+    request = build_request(item, inputs, gradients)
+    quantities = quantities_for(item.case, gradients)
+
+    try:
+        result = adapter.run(request)
+    except Rejected as rejection:
+        allowed = item.case.rejection_allowed
+        if allowed:
+            note = f"rejection allowed: {item.case.rejection_reason}"
+        else:
+            note = "rejection not allowed: this input has a well-defined answer"
+        message = f"{rejection} [{note}]"
+        return [item.record(q, "rejected", allowed, message) for q in quantities]
+    except Exception as crash:  # noqa: BLE001 - any adapter failure is a verdict
+        last = traceback.extract_tb(crash.__traceback__)[-1]
+        message = (
+            f"adapter raised {type(crash).__name__}: {crash} "
+            f"(at {last.filename}:{last.lineno})"
+        )
+        return [item.record(q, "error", False, message) for q in quantities]
+
+    return judge_result(item, result, gradients)
+
+
+def json_number(value: float | None) -> float | str | None:
+    """Return value as strict JSON allows: non-finite floats become strings."""
+    if value is None or math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
