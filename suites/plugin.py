@@ -1,0 +1,388 @@
+"""The normconf pytest plugin: options, adapter loading, parametrization, the report.
+
+Loaded by the top-level conftest.py. Adapters load only when the run collects the
+conformance suites, so `pytest tests` needs no framework installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from adapters import registry
+from adapters.contract import Device, Implementation
+from suites import cases, deviations, dtypes, report
+from suites.verdicts import Item
+
+SUITES_DIR = Path(__file__).resolve().parent
+DEFAULT_DTYPES = ("float32", "float64")
+RECORDS_KEY = "normconf_records"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parametrized conformance item: the adapter and the item's coordinates."""
+
+    adapter: object
+    implementation: Implementation
+    device: Device
+    item: Item
+
+    @property
+    def test_id(self) -> str:
+        return self.item.item_id
+
+
+@dataclass
+class State:
+    adapters: list[object]
+    missing: list[registry.Missing]
+    deviations: list[deviations.Deviation]
+    records: list[dict]
+
+    def stale_deviations(self) -> list[deviations.Deviation]:
+        """Return entries whose coordinates ran but that matched no record."""
+        versions = {adapter.framework: adapter.version() for adapter in self.adapters}
+        stale = []
+        for entry in self.deviations:
+            version = versions.get(entry.framework)
+            if version is None:
+                continue
+            covered = [r for r in self.records if entry.covers(r, version)]
+            ran = [r for r in covered if r["verdict"] != "unsupported"]
+            used = [r for r in covered if r.get("deviation") == entry.index]
+            if ran and not used:
+                stale.append(entry)
+        return stale
+
+
+state_key = pytest.StashKey[State]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("normconf", "normconf conformance suite")
+    group.addoption(
+        "--framework",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="built-in framework adapter to run (repeatable or comma-separated; "
+        f"known: {', '.join(sorted(registry.BUILTIN))}). Default: every installed one, "
+        "plus installed entry-point adapters, unless --adapter is given.",
+    )
+    group.addoption(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="MODULE:OBJECT",
+        help="third-party adapter to run, as module:object (repeatable)",
+    )
+    group.addoption(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="comma-separated devices to run, by name or kind (cpu, cuda, cuda:1). "
+        "Default: every device the adapters declare.",
+    )
+    group.addoption(
+        "--dtypes",
+        default=",".join(DEFAULT_DTYPES),
+        metavar="LIST",
+        help=f"comma-separated dtypes to test (known: {', '.join(dtypes.DTYPES)}; "
+        f"default: %(default)s)",
+    )
+    group.addoption(
+        "--cases",
+        default=None,
+        metavar="LIST",
+        help="comma-separated catalogue case names to run (default: all)",
+    )
+    group.addoption(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for every case's random inputs (default: %(default)s)",
+    )
+    group.addoption(
+        "--deviations",
+        default=str(deviations.DEFAULT_PATH),
+        metavar="PATH",
+        help="TOML file of known deviations (default: suites/deviations.toml)",
+    )
+    group.addoption(
+        "--report",
+        default=None,
+        metavar="PATH",
+        help="write the JSON conformance report to PATH",
+    )
+
+
+def _split(values: list[str] | str | None) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [
+        part.strip() for value in values for part in value.split(",") if part.strip()
+    ]
+
+
+def _collects_suites(config: pytest.Config) -> bool:
+    """Return True if the run's arguments include the conformance suites."""
+    arguments = config.args or [str(config.rootpath)]
+    for argument in arguments:
+        path = Path(argument.split("::")[0]).resolve()
+        if (
+            path == SUITES_DIR
+            or SUITES_DIR in path.parents
+            or path in SUITES_DIR.parents
+        ):
+            return True
+    return False
+
+
+def _load_adapters(
+    config: pytest.Config,
+) -> tuple[list[object], list[registry.Missing]]:
+    frameworks = _split(config.getoption("framework"))
+    specs = config.getoption("adapter")
+    try:
+        if frameworks or specs:
+            adapters = [registry.load_builtin(name) for name in frameworks]
+            adapters += [registry.load(spec) for spec in specs]
+            missing: list[registry.Missing] = []
+        else:
+            adapters, missing = registry.discover_builtin()
+            adapters += registry.load_entry_points()
+    except registry.AdapterLoadError as error:
+        raise pytest.UsageError(str(error)) from error
+    names = [adapter.framework for adapter in adapters]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise pytest.UsageError(
+            f"two adapters share the framework name {', '.join(duplicates)}; "
+            "each adapter needs a unique `framework`"
+        )
+    return adapters, missing
+
+
+def _validate_selection(config: pytest.Config) -> None:
+    for name in _split(config.getoption("dtypes")):
+        try:
+            dtypes.check_dtype(name)
+        except ValueError as error:
+            raise pytest.UsageError(f"--dtypes: {error}") from error
+    for name in _split(config.getoption("cases")):
+        try:
+            cases.by_name(name)
+        except KeyError as error:
+            raise pytest.UsageError(f"--cases: {error.args[0]}") from error
+    if config.getoption("seed") < 0:
+        raise pytest.UsageError("--seed must be a non-negative integer")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _validate_selection(config)
+    adapters: list[object] = []
+    missing: list[registry.Missing] = []
+    if _collects_suites(config):
+        adapters, missing = _load_adapters(config)
+        _check_devices(config, adapters)
+    _check_report_path(config)
+    try:
+        known = deviations.load(Path(config.getoption("deviations")))
+    except deviations.DeviationsError as error:
+        raise pytest.UsageError(f"--deviations: {error}") from error
+    state = State(adapters=adapters, missing=missing, deviations=known, records=[])
+    config.stash[state_key] = state
+    config.pluginmanager.register(RecordCollector(state), "normconf-records")
+
+
+def _check_report_path(config: pytest.Config) -> None:
+    path = config.getoption("report")
+    if not path:
+        return
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise pytest.UsageError(
+            f"--report: cannot create the folder for {path}: {error}"
+        ) from error
+    if target.is_dir() or not os.access(target.parent, os.W_OK):
+        raise pytest.UsageError(f"--report: {path} is not a writable file path")
+
+
+def _device_selected(device: Device, wanted: list[str]) -> bool:
+    if not wanted:
+        return True
+    kind = device.name.split(":")[0]
+    return device.name in wanted or kind in wanted
+
+
+def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
+    wanted = _split(config.getoption("devices"))
+    if not wanted or not adapters:
+        return
+    known = {d.name for adapter in adapters for d in adapter.devices()}
+    known |= {name.split(":")[0] for name in known}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise pytest.UsageError(
+            f"--devices: unknown device {', '.join(unknown)}; "
+            f"the adapters declare: {', '.join(sorted(known))}"
+        )
+
+
+def targets(config: pytest.Config) -> list[Target]:
+    """Expand the selected adapters, devices, dtypes and cases into items."""
+    state = config.stash[state_key]
+    wanted_devices = _split(config.getoption("devices"))
+    wanted_dtypes = _split(config.getoption("dtypes"))
+    wanted_cases = _split(config.getoption("cases"))
+    selected_cases = (
+        [cases.by_name(name) for name in wanted_cases]
+        if wanted_cases
+        else list(cases.CATALOGUE)
+    )
+    seed = config.getoption("seed")
+
+    expanded = []
+    for adapter in state.adapters:
+        for implementation in adapter.implementations():
+            for device in adapter.devices():
+                if not _device_selected(device, wanted_devices):
+                    continue
+                for dtype in wanted_dtypes:
+                    for case in selected_cases:
+                        if not case.fits(dtype):
+                            continue
+                        item = Item(
+                            adapter.framework,
+                            implementation.name,
+                            device.name,
+                            dtype,
+                            case,
+                            seed,
+                        )
+                        expanded.append(Target(adapter, implementation, device, item))
+    return expanded
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "conformance_target" not in metafunc.fixturenames:
+        return
+    expanded = targets(metafunc.config)
+    metafunc.parametrize(
+        "conformance_target", expanded, ids=[target.test_id for target in expanded]
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash.get(state_key, None)
+    if state is None or not (state.adapters or state.missing):
+        return []
+    import numpy
+
+    lines = [
+        f"normconf: seed {config.getoption('seed')}, numpy {numpy.__version__}, "
+        f"dtypes {config.getoption('dtypes')}"
+    ]
+    for adapter in state.adapters:
+        devices = []
+        for device in adapter.devices():
+            if device.available:
+                devices.append(device.name)
+            else:
+                devices.append(f"{device.name} unavailable ({device.reason})")
+        lines.append(
+            f"normconf: {adapter.framework} {adapter.version()}: "
+            f"devices {'; '.join(devices)}"
+        )
+    for missing in state.missing:
+        lines.append(f"normconf: {missing.framework} not installed ({missing.reason})")
+    return lines
+
+
+def record_verdicts(node: pytest.Item, target: Target, records: list) -> list[dict]:
+    """Apply the known deviations to an item's records and attach them to its test
+    report (which also carries them across xdist workers). Returns the records."""
+    state = node.config.stash[state_key]
+    rows = [dataclasses.asdict(record) for record in records]
+    deviations.apply(rows, state.deviations, target.adapter.version())
+    node.user_properties.append((RECORDS_KEY, rows))
+    return rows
+
+
+class RecordCollector:
+    """Collects the records attached to each test report, including xdist workers'."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for key, value in report.user_properties:
+            if key == RECORDS_KEY:
+                self.state.records.extend(value)
+
+
+def _framework_environment(state: State) -> dict[str, dict]:
+    frameworks: dict[str, dict] = {}
+    for adapter in state.adapters:
+        frameworks[adapter.framework] = {
+            "version": adapter.version(),
+            "devices": [dataclasses.asdict(device) for device in adapter.devices()],
+            "implementations": [
+                dataclasses.asdict(implementation)
+                for implementation in adapter.implementations()
+            ],
+        }
+    for missing in state.missing:
+        frameworks[missing.framework] = {"missing": missing.reason}
+    return frameworks
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    path = config.getoption("report")
+    state = config.stash.get(state_key, None)
+    if not path or state is None or hasattr(config, "workerinput"):
+        return
+    document = report.build(
+        state.records,
+        _framework_environment(state),
+        config.getoption("seed"),
+        report.main_command(),
+    )
+    document["stale_deviations"] = [
+        entry.describe() for entry in state.stale_deviations()
+    ]
+    report.write(document, Path(path))
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    state = config.stash.get(state_key, None)
+    if state is None or not state.records:
+        return
+    terminalreporter.section("normconf verdicts")
+    for line in report.count_table(state.records):
+        terminalreporter.write_line(line)
+    notable = report.notable_items(state.records)
+    if notable:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("rejected and deviating items:")
+        for line in notable:
+            terminalreporter.write_line(f"  {line}")
+    for entry in state.stale_deviations():
+        terminalreporter.write_line(
+            f"stale: {entry.describe()} matched no record although its items ran"
+        )
+    path = config.getoption("report")
+    if path:
+        terminalreporter.write_line(f"report: {Path(path).resolve()}")

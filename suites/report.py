@@ -1,0 +1,120 @@
+"""The JSON conformance report and the terminal table of verdict counts."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from suites.verdicts import VERDICTS, json_number
+
+SCHEMA = "normconf-report"
+SCHEMA_VERSION = 1
+
+
+def _clean(record: dict) -> dict:
+    cleaned = dict(record)
+    for key in ("error", "budget", "got", "expected"):
+        cleaned[key] = json_number(cleaned.get(key))
+    return cleaned
+
+
+def build(
+    records: Iterable[dict],
+    frameworks: dict[str, dict],
+    seed: int,
+    command: list[str],
+) -> dict:
+    """Assemble the report document.
+
+    `frameworks` maps a framework name to {"version": ..., "devices": [...]} or to
+    {"missing": reason} for a built-in framework that is not installed.
+    """
+    results = sorted(
+        (_clean(record) for record in records),
+        key=lambda r: (
+            r["framework"],
+            r["implementation"],
+            r["device"],
+            r["dtype"],
+            r["case"],
+            r["quantity"],
+        ),
+    )
+    counts = Counter(record["verdict"] for record in results)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "environment": {
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "platform": platform.platform(),
+            "numpy": np.__version__,
+            "frameworks": frameworks,
+            "seed": seed,
+            "command": command,
+        },
+        "summary": {verdict: counts.get(verdict, 0) for verdict in VERDICTS},
+        "results": results,
+    }
+
+
+def write(document: dict, path: Path) -> None:
+    """Write the report as strict JSON (no NaN or Infinity literals)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=1, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def count_table(records: Iterable[dict]) -> list[str]:
+    """Return text lines: verdict counts per framework implementation."""
+    counts: dict[str, Counter] = {}
+    for record in records:
+        key = f"{record['framework']}/{record['implementation']}"
+        counts.setdefault(key, Counter())[record["verdict"]] += 1
+    if not counts:
+        return []
+
+    width = max(len("implementation"), *(len(key) for key in counts))
+    header = "implementation".ljust(width) + "".join(
+        f"{verdict:>12}" for verdict in VERDICTS
+    )
+    lines = [header, "-" * len(header)]
+    for key in sorted(counts):
+        row = counts[key]
+        lines.append(
+            key.ljust(width) + "".join(f"{row.get(v, 0):>12}" for v in VERDICTS)
+        )
+    return lines
+
+
+def notable_items(records: Iterable[dict], width: int = 160) -> list[str]:
+    """Return one line per item that has a rejected or deviation verdict.
+
+    These are the items where a framework differs from the exact answer but still
+    conforms, or refuses an input; a reader wants them named even when all pass.
+    """
+    lines = {}
+    for record in records:
+        if record["verdict"] not in ("rejected", "deviation"):
+            continue
+        item = "-".join(
+            record[key]
+            for key in ("framework", "implementation", "device", "dtype", "case")
+        )
+        if item in lines:
+            continue
+        text = f"{item}: {record['verdict']}: {record['message']}"
+        lines[item] = text if len(text) <= width else text[: width - 3] + "..."
+    return [lines[item] for item in sorted(lines)]
+
+
+def main_command() -> list[str]:
+    return list(sys.argv)

@@ -1,0 +1,56 @@
+"""InstanceNorm conformance: one item per (implementation, device, dtype, case).
+
+Each item records a verdict for the output and each gradient in the report, then
+asserts each quantity on its own, so a failure message names the quantity, its worst
+element, the value got, the value expected and the error against the budget.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from suites.plugin import Target, record_verdicts
+from suites.verdicts import run_item, unsupported_records
+
+
+def replay_command(request: pytest.FixtureRequest, target: Target) -> str:
+    """Return a command that reruns this item alone with the same inputs."""
+    config = request.config
+    options = [f"--seed={config.getoption('seed')}", f"--dtypes={target.item.dtype}"]
+    options += [f"--framework={name}" for name in config.getoption("framework")]
+    options += [f"--adapter={spec}" for spec in config.getoption("adapter")]
+    return shlex.join(["python", "-m", "pytest", request.node.nodeid, *options])
+
+
+def unsupported_reason(target: Target) -> str | None:
+    if not target.device.available:
+        return target.device.reason
+    declared = getattr(target.adapter, "unsupported_reason", None)
+    if declared is None:
+        return None
+    item = target.item
+    return declared(item.implementation, item.device, item.dtype)
+
+
+def test_instance_norm(conformance_target: Target, request: pytest.FixtureRequest):
+    target = conformance_target
+    gradients = target.implementation.gradients
+
+    reason = unsupported_reason(target)
+    if reason:
+        records = unsupported_records(target.item, reason, gradients)
+        record_verdicts(request.node, target, records)
+        pytest.skip(reason)
+
+    records = record_verdicts(
+        request.node, target, run_item(target.adapter, target.item, gradients)
+    )
+
+    overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in records)
+    replay = replay_command(request, target)
+    for record in records:
+        assert record["conforming"], (
+            f"{record['message']}\n  all quantities: {overview}\n  replay: {replay}"
+        )
