@@ -1,0 +1,139 @@
+"""The deviations file: parsing, validation and matching."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from packaging.specifiers import SpecifierSet
+
+from suites import deviations
+
+ENTRY = """
+[[deviation]]
+framework = "torch"
+versions = ">=2.10"
+implementations = ["functional"]
+cases = ["eps0"]
+reason = "a reason"
+link = "https://example.invalid/evidence"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deviations.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def record(**overrides) -> dict:
+    row = {
+        "framework": "torch",
+        "implementation": "functional",
+        "device": "cpu",
+        "dtype": "float32",
+        "case": "eps0",
+        "quantity": "output",
+        "verdict": "fail",
+        "conforming": False,
+        "message": "output: worst element ...",
+    }
+    row.update(overrides)
+    return row
+
+
+def test_shipped_file_parses():
+    entries = deviations.load(deviations.DEFAULT_PATH)
+    assert entries
+    assert all(entry.link.startswith("https://") for entry in entries)
+
+
+def test_entry_fields(tmp_path):
+    (entry,) = deviations.load(write(tmp_path, ENTRY))
+    assert entry.framework == "torch"
+    assert entry.verdicts == ("fail",)
+    assert entry.quantities is None
+
+
+def test_fail_becomes_deviation(tmp_path):
+    entries = deviations.load(write(tmp_path, ENTRY))
+    row = record()
+    used = deviations.apply([row], entries, "2.13.0+cpu")
+    assert used == entries
+    assert row["verdict"] == "deviation"
+    assert row["conforming"]
+    assert "a reason" in row["message"]
+    assert "worst element" in row["message"]
+
+
+def test_older_version_not_matched(tmp_path):
+    entries = deviations.load(write(tmp_path, ENTRY))
+    row = record()
+    deviations.apply([row], entries, "2.9.1")
+    assert row["verdict"] == "fail"
+
+
+def test_other_case_not_matched(tmp_path):
+    entries = deviations.load(write(tmp_path, ENTRY))
+    row = record(case="random-2d")
+    deviations.apply([row], entries, "2.13.0")
+    assert row["verdict"] == "fail"
+
+
+def test_rejected_needs_explicit_verdicts(tmp_path):
+    entries = deviations.load(write(tmp_path, ENTRY))
+    row = record(verdict="rejected")
+    deviations.apply([row], entries, "2.13.0")
+    assert row["verdict"] == "rejected"
+
+
+def test_conforming_record_untouched(tmp_path):
+    entries = deviations.load(write(tmp_path, ENTRY))
+    row = record(verdict="pass", conforming=True)
+    deviations.apply([row], entries, "2.13.0")
+    assert row["verdict"] == "pass"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[[deviation]]\nframework = 'torch'\n", "missing keys"),
+        (ENTRY + "colour = 'red'\n", "unknown keys colour"),
+        (ENTRY.replace(">=2.10", "newest"), "invalid versions"),
+        (ENTRY + "dtypes = ['float8']\n", "unknown dtype 'float8'"),
+        (ENTRY + "quantities = ['grad_x']\n", "unknown quantity 'grad_x'"),
+        (ENTRY + "verdicts = ['error']\n", "cannot be replaced"),
+        (ENTRY.replace('["eps0"]', "[]"), "cases must not be empty"),
+        (ENTRY.replace('["eps0"]', '"eps0"'), "cases must be a list"),
+        ("deviation = 1\n", "use [[deviation]] tables"),
+        ("[deviations]\n", "unknown tables deviations"),
+        ("[[deviation]\n", "invalid TOML"),
+        ("deviation = [1]\n", "deviation #1 is not a table"),
+    ],
+    ids=[
+        "missing",
+        "unknown-key",
+        "versions",
+        "dtype",
+        "quantity",
+        "verdict",
+        "empty",
+        "not-list",
+        "not-table",
+        "table-name",
+        "toml",
+        "entry-not-table",
+    ],
+)
+def test_malformed_file_rejected(tmp_path, text, message):
+    with pytest.raises(deviations.DeviationsError, match=re.escape(message)):
+        deviations.load(write(tmp_path, text))
+
+
+def test_local_version_suffix_ignored():
+    assert deviations.version_matches("2.13.0+cpu", SpecifierSet(">=2.10"))
+
+
+def test_unparsable_version_never_matches():
+    assert not deviations.version_matches("nightly", SpecifierSet(">=0"))

@@ -1,0 +1,234 @@
+"""End-to-end runs of the conformance suite as a user runs it, in a subprocess.
+
+The adapters here are the NumPy kernels from tests/faults.py, so these tests need no
+framework installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE_ERROR = 4
+
+
+def run_suite(*arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
+    return subprocess.run(
+        [*command, *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_correct_kernel_report(tmp_path):
+    report = tmp_path / "reports" / "kernel.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", "--dtypes=float32", f"--report={report}"
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:]
+
+    document = read_report(report)
+    assert document["schema"] == "normconf-report"
+    assert document["schema_version"] == 1
+    assert document["environment"]["seed"] == 0
+    assert "numpy-float32" in document["environment"]["frameworks"]
+
+    results = document["results"]
+    verdicts = {record["verdict"] for record in results}
+    assert verdicts == {"pass"}
+    quantities = {record["quantity"] for record in results}
+    assert quantities == {"output", "grad_input", "grad_gamma", "grad_beta"}
+    cases = {record["case"] for record in results}
+    assert {"M1", "M1x1", "constant-slice", "long-reduction", "N0"} <= cases
+
+    fields = {"op", "framework", "implementation", "device", "dtype", "case"}
+    fields |= {"quantity", "verdict", "error", "budget", "message"}
+    assert fields <= set(results[0])
+
+
+def test_terminal_summary_table(tmp_path):
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", "--dtypes=float32", "--cases=random-2d"
+    )
+    assert "normconf verdicts" in completed.stdout
+    assert "numpy-float32/kernel" in completed.stdout
+
+
+def test_header_names_adapter():
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", "--cases=random-2d", "--dtypes=float32"
+    )
+    assert "normconf: numpy-float32" in completed.stdout
+    assert "normconf: seed 0" in completed.stdout
+
+
+def test_one_pass_fault_reported_fail(tmp_path):
+    report = tmp_path / "fault.json"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,large-mean-1e6,random-2d",
+        f"--report={report}",
+    )
+    assert completed.returncode == 1
+
+    results = read_report(report)["results"]
+    for case in ("large-mean-1e4", "large-mean-1e6"):
+        output = [r for r in results if r["case"] == case and r["quantity"] == "output"]
+        assert output[0]["verdict"] == "fail", output[0]["message"]
+    random = [r for r in results if r["case"] == "random-2d"]
+    assert {r["verdict"] for r in random} == {"pass"}
+    assert "replay: python -m pytest" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "fault, case",
+    [("EpsOutsideSqrt", "eps1e-3"), ("DroppedDxTerm", "random-2d")],
+)
+def test_fault_item_fails(tmp_path, fault, case):
+    report = tmp_path / "fault.json"
+    completed = run_suite(
+        f"--adapter=tests.faults:{fault}",
+        "--dtypes=float32",
+        f"--cases={case}",
+        f"--report={report}",
+    )
+    assert completed.returncode == 1
+    verdicts = {r["verdict"] for r in read_report(report)["results"]}
+    assert "fail" in verdicts
+
+
+def test_unsupported_dtype_recorded(tmp_path):
+    report = tmp_path / "kernel.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--dtypes=float64",
+        "--cases=random-2d",
+        f"--report={report}",
+        "-rs",
+    )
+    assert completed.returncode == 0
+    results = read_report(report)["results"]
+    assert {r["verdict"] for r in results} == {"unsupported"}
+    assert "computes in float32 only" in results[0]["message"]
+    assert "computes in float32 only" in completed.stdout
+
+
+def test_deviation_replaces_fail(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text(
+        "[[deviation]]\n"
+        'framework = "fault-one-pass-variance"\n'
+        'versions = ">=1"\n'
+        'implementations = ["kernel"]\n'
+        'cases = ["large-mean-1e4"]\n'
+        'reason = "injected for a test"\n'
+        'link = "tests/test_suite_run.py"\n'
+        "\n"
+        "[[deviation]]\n"
+        'framework = "fault-one-pass-variance"\n'
+        'versions = ">=1"\n'
+        'implementations = ["kernel"]\n'
+        'cases = ["random-2d"]\n'
+        'reason = "never fails, so stale"\n'
+        'link = "tests/test_suite_run.py"\n',
+        encoding="utf-8",
+    )
+    report = tmp_path / "fault.json"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,random-2d",
+        f"--deviations={entries}",
+        f"--report={report}",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:]
+
+    document = read_report(report)
+    verdicts = {
+        r["verdict"] for r in document["results"] if r["case"] == "large-mean-1e4"
+    }
+    assert "deviation" in verdicts
+    assert "fail" not in verdicts
+    assert len(document["stale_deviations"]) == 1
+    assert "random-2d" in document["stale_deviations"][0]
+    assert "stale: deviation #2" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--dtypes=float8"], "unknown dtype 'float8'"),
+        (["--cases=no-such-case"], "unknown case 'no-such-case'"),
+        (["--framework=nosuchframework"], "unknown framework 'nosuchframework'"),
+        (["--adapter=no_such_module:Adapter"], "failed to import"),
+        (["--adapter=tests.faults"], "expected module:object"),
+        (["--adapter=tests.faults:Missing"], "not found in module"),
+        (
+            ["--adapter=tests.faults:Float32Kernel", "--devices=tpu"],
+            "unknown device tpu",
+        ),
+        (["--deviations=/no/such/file.toml"], "cannot read deviations file"),
+        (["--seed=-1"], "--seed must be a non-negative integer"),
+    ],
+    ids=[
+        "dtype",
+        "case",
+        "framework",
+        "module",
+        "spec",
+        "object",
+        "device",
+        "deviations",
+        "seed",
+    ],
+)
+def test_bad_option_usage_error(arguments, message):
+    completed = run_suite(*arguments)
+    assert completed.returncode == USAGE_ERROR
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_malformed_deviations_usage_error(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text('[[deviation]]\nframework = "torch"\n', encoding="utf-8")
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", f"--deviations={entries}"
+    )
+    assert completed.returncode == USAGE_ERROR
+    assert "missing keys" in completed.stderr
+
+
+def test_wrong_contract_version_rejected(tmp_path):
+    module = tmp_path / "old_adapter.py"
+    module.write_text(
+        "from tests.faults import Float32Kernel\n"
+        "class OldAdapter(Float32Kernel):\n"
+        "    contract_version = 0\n",
+        encoding="utf-8",
+    )
+    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
+    completed = subprocess.run(
+        [*command, "--adapter=old_adapter:OldAdapter"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert completed.returncode == USAGE_ERROR
+    assert "contract_version 0" in completed.stderr

@@ -1,0 +1,165 @@
+"""Verdicts for adapters that reject, crash or return malformed results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adapters.contract import Rejected
+from suites import cases, report
+from suites.verdicts import Item, run_item
+from tests.faults import Float32Kernel
+
+
+class RejectsEverything(Float32Kernel):
+    framework = "rejects"
+
+    def run(self, request):
+        raise Rejected("ValueError: no thanks")
+
+
+class Crashes(Float32Kernel):
+    framework = "crashes"
+
+    def run(self, request):
+        raise ZeroDivisionError("division by zero")
+
+
+class ReturnsNone(Float32Kernel):
+    framework = "returns-none"
+
+    def run(self, request):
+        return None
+
+
+class WrongShape(Float32Kernel):
+    framework = "wrong-shape"
+
+    def run(self, request):
+        result = super().run(request)
+        result.output = result.output.reshape(-1)
+        return result
+
+
+class WrongDtype(Float32Kernel):
+    framework = "wrong-dtype"
+
+    def run(self, request):
+        result = super().run(request)
+        result.dtype = "float64"
+        return result
+
+
+class MissingGradient(Float32Kernel):
+    framework = "missing-gradient"
+
+    def run(self, request):
+        result = super().run(request)
+        result.grad_beta = None
+        return result
+
+
+class NanEverywhere(Float32Kernel):
+    framework = "nan-everywhere"
+
+    def run(self, request):
+        result = super().run(request)
+        result.output = np.full_like(result.output, np.nan)
+        return result
+
+
+def verdicts(adapter, case_name: str) -> dict[str, object]:
+    item = Item(
+        adapter.framework, "kernel", "cpu", "float32", cases.by_name(case_name), 0
+    )
+    return {record.quantity: record for record in run_item(adapter, item, True)}
+
+
+def test_rejection_allowed_conforms():
+    records = verdicts(RejectsEverything(), "M1")
+    assert {r.verdict for r in records.values()} == {"rejected"}
+    assert all(r.conforming for r in records.values())
+    assert "no thanks" in records["output"].message
+
+
+def test_rejection_of_ordinary_input_fails():
+    records = verdicts(RejectsEverything(), "random-2d")
+    assert {r.verdict for r in records.values()} == {"rejected"}
+    assert not any(r.conforming for r in records.values())
+
+
+def test_crash_is_error():
+    record = verdicts(Crashes(), "random-2d")["output"]
+    assert record.verdict == "error"
+    assert "ZeroDivisionError" in record.message
+
+
+def test_none_result_is_error():
+    record = verdicts(ReturnsNone(), "random-2d")["grad_input"]
+    assert record.verdict == "error"
+    assert "NoneType" in record.message
+
+
+def test_wrong_shape_is_error():
+    records = verdicts(WrongShape(), "random-2d")
+    assert records["output"].verdict == "error"
+    assert "shape" in records["output"].message
+    assert records["grad_input"].verdict == "pass"
+
+
+def test_wrong_dtype_is_error():
+    record = verdicts(WrongDtype(), "random-2d")["output"]
+    assert record.verdict == "error"
+    assert "float64 for a float32 input" in record.message
+
+
+def test_missing_gradient_is_error():
+    record = verdicts(MissingGradient(), "random-2d")["grad_beta"]
+    assert record.verdict == "error"
+    assert "missing" in record.message
+
+
+def test_nan_output_fails():
+    record = verdicts(NanEverywhere(), "random-2d")["output"]
+    assert record.verdict == "fail"
+    assert "non-finite mismatch" in record.message
+
+
+def test_no_affine_has_two_quantities():
+    records = verdicts(Float32Kernel(), "no-affine")
+    assert sorted(records) == ["grad_input", "output"]
+
+
+def test_no_gradients_marked_unsupported():
+    item = Item("k", "kernel", "cpu", "float32", cases.by_name("random-2d"), 0)
+    records = {r.quantity: r for r in run_item(Float32Kernel(), item, False)}
+    assert records["output"].verdict == "pass"
+    assert records["grad_input"].verdict == "unsupported"
+    assert records["grad_gamma"].verdict == "unsupported"
+
+
+def test_report_is_strict_json(tmp_path):
+    record = verdicts(NanEverywhere(), "random-2d")["output"]
+    row = dict(vars(record))
+    document = report.build([row], {"k": {"version": "1"}}, 0, ["pytest"])
+    path = tmp_path / "report.json"
+    report.write(document, path)
+    text = path.read_text(encoding="utf-8")
+    loaded = json.loads(text, parse_constant=pytest.fail)
+    assert loaded["results"][0]["error"] == "Infinity"
+    assert loaded["results"][0]["got"] == "NaN"
+    assert loaded["summary"]["fail"] == 1
+
+
+def test_count_table_rows():
+    rows = [
+        {"framework": "a", "implementation": "x", "verdict": "pass"},
+        {"framework": "a", "implementation": "x", "verdict": "fail"},
+        {"framework": "b", "implementation": "y", "verdict": "pass"},
+    ]
+    lines = report.count_table(rows)
+    assert lines[0].startswith("implementation")
+    assert lines[2].split()[:3] == ["a/x", "1", "1"]
+    assert lines[3].split()[:2] == ["b/y", "1"]
