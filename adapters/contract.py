@@ -12,7 +12,7 @@ Contract version 1:
 - `version()`: the framework's version string.
 - `implementations()`: the ways this adapter computes the operator, each with a name
   that is unique within the adapter and a flag saying whether it returns gradients.
-- `devices()`: every device the adapter knows, available or not, with the reason
+- `devices()`: every device the adapter supports, available or not, with the reason
   when it is not (a missing GPU is reported, not hidden).
 - `unsupported_reason(implementation, device, dtype)`: None when the combination runs,
   otherwise a sentence saying why not.
@@ -81,7 +81,7 @@ class Request:
 @dataclass
 class Result:
     """An adapter's results as NumPy arrays, in the tested dtype or any float dtype
-    that holds its values exactly (bfloat16 results usually come back as float32).
+    that represents its values exactly (bfloat16 results usually come back as float32).
 
     Gradients are None when the request did not ask for them, and grad_gamma and
     grad_beta are None when affine is off. `dtype` names the dtype the framework

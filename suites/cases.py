@@ -93,8 +93,8 @@ DEFAULT_GRAD_OUTPUT = Normal()
 class Case:
     """One catalogue entry.
 
-    `rejection_allowed` says whether a framework that raises on this input conforms;
-    `rejection_reason` says why when it does.
+    `rejection_allowed` is True if a framework that raises on this input still
+    conforms, and `rejection_reason` gives the reason.
     """
 
     name: str

@@ -1,8 +1,8 @@
 """The floating-point dtypes normconf tests, and exact rounding of inputs to them.
 
 NumPy has no bfloat16, so bfloat16 values travel in float32 arrays whose low 16 bits
-are zero. Every array handed to an adapter holds values that are exactly representable
-in the tested dtype.
+are zero. Every array handed to an adapter contains values that are exactly
+representable in the tested dtype.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CONTAINER = {
 
 
 def check_dtype(name: str) -> str:
-    """Return name if normconf knows it, else raise ValueError listing known names."""
+    """Return name if it is a known dtype, else raise ValueError listing known names."""
     if name not in UNIT_ROUNDOFF:
         known = ", ".join(DTYPES)
         raise ValueError(f"unknown dtype {name!r}; known dtypes: {known}")

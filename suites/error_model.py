@@ -116,8 +116,8 @@ def scales(
 class Comparison:
     """The worst element of one quantity, judged against its budget.
 
-    `error` is the largest normalized error (inf when a NaN or infinity is in the
-    wrong place); `index` is that element's index, None for an empty array.
+    `error` is the largest normalized error, inf when a NaN or infinity is in the
+    wrong place. `index` is that element's index, or None for an empty array.
     """
 
     error: float

@@ -32,8 +32,8 @@ def test_correct_kernel_passes(case):
 
 
 # (fault, case, quantity that must fail). Each defect is paired with the cases
-# whose inputs make it visible; a defect that only shows on a few inputs is why
-# the catalogue has those inputs.
+# whose inputs make it visible. Some defects show only on a few inputs, which is
+# why the catalogue has those inputs.
 EXPOSED = [
     (faults.OnePassVariance, "large-mean-1e4", "output"),
     (faults.OnePassVariance, "large-mean-1e6", "output"),
