@@ -33,6 +33,10 @@ CONTRACT_VERSION = 1
 
 OPERATORS = ("instance_norm",)
 
+# Memory layouts of x: channels_first is (N, C, *spatial), channels_last is
+# (N, *spatial, C).
+LAYOUTS = ("channels_first", "channels_last")
+
 
 class Rejected(Exception):
     """The framework refused the input; the message is the framework's own error."""
@@ -40,11 +44,17 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Implementation:
-    """One way an adapter computes the operator, e.g. a native op or a reshape."""
+    """One way an adapter computes the operator, e.g. a native op or a reshape.
+
+    `gradient_reason` says why there are no gradients when `gradients` is False.
+    `layouts` lists the layouts of x the implementation accepts without transposes.
+    """
 
     name: str
     description: str
     gradients: bool = True
+    gradient_reason: str = ""
+    layouts: tuple[str, ...] = ("channels_first",)
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,8 @@ class Request:
 
     Arrays hold values exactly representable in `dtype`. They are NumPy arrays of that
     dtype, except bfloat16, which arrives in float32 arrays. gamma and beta are None
-    when `affine` is False. The arrays are read-only: copy before writing.
+    when `affine` is False. x and grad_output are in `layout`: (N, *spatial, C) for
+    channels_last. The arrays are read-only: copy before writing.
     """
 
     op: str
@@ -76,6 +87,7 @@ class Request:
     eps: float
     affine: bool
     gradients: bool
+    layout: str = "channels_first"
 
 
 @dataclass
@@ -83,9 +95,10 @@ class Result:
     """An adapter's results as NumPy arrays, in the tested dtype or any float dtype
     that represents its values exactly (bfloat16 results usually come back as float32).
 
-    Gradients are None when the request did not ask for them, and grad_gamma and
-    grad_beta are None when affine is off. `dtype` names the dtype the framework
-    returned its output in, as normconf spells dtypes ("float32").
+    output and grad_input are in the request's layout. Gradients are None when the
+    request did not ask for them, and grad_gamma and grad_beta are None when affine
+    is off. `dtype` names the dtype the framework returned its output in, as
+    normconf spells dtypes ("float32").
     """
 
     output: np.ndarray | None

@@ -49,13 +49,21 @@ def _batch_norm_reshape(x, gamma, beta, eps):
     return output.reshape(x.shape)
 
 
+BOTH_LAYOUTS = ("channels_first", "channels_last")
+
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "functional": (
-        Implementation("functional", "torch.nn.functional.instance_norm"),
+        Implementation(
+            "functional", "torch.nn.functional.instance_norm", layouts=BOTH_LAYOUTS
+        ),
         _functional,
     ),
     "group-norm": (
-        Implementation("group-norm", "torch.nn.functional.group_norm, groups = C"),
+        Implementation(
+            "group-norm",
+            "torch.nn.functional.group_norm, groups = C",
+            layouts=BOTH_LAYOUTS,
+        ),
         _group_norm,
     ),
     "batch-norm-reshape": (
@@ -63,6 +71,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "batch-norm-reshape",
             "torch.nn.functional.batch_norm, training mode, on the (1, N*C, ...) "
             "reshape with gamma and beta repeated N times",
+            layouts=BOTH_LAYOUTS,
         ),
         _batch_norm_reshape,
     ),
@@ -72,11 +81,21 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
 def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
     if tensor is None:
         return None
-    tensor = tensor.detach().cpu()
+    tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
         # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
         tensor = tensor.to(torch.float32)
     return tensor.numpy()
+
+
+def _channels_first_view(tensor: torch.Tensor) -> torch.Tensor:
+    """View (N, *spatial, C) as (N, C, *spatial) without moving data."""
+    return tensor.permute(0, tensor.ndim - 1, *range(1, tensor.ndim - 1))
+
+
+def _channels_last_view(tensor: torch.Tensor) -> torch.Tensor:
+    """View (N, C, *spatial) as (N, *spatial, C) without moving data."""
+    return tensor.permute(0, *range(2, tensor.ndim), 1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -124,14 +143,23 @@ class TorchAdapter(Adapter):
         x = tensor(request.x, want)
         gamma = tensor(request.gamma, want)
         beta = tensor(request.beta, want)
+        channels_last = request.layout == "channels_last"
 
         try:
-            output = forward(x, gamma, beta, request.eps)
+            # A channels-last array becomes an (N, C, ...) view with channels-last
+            # strides, which torch's channels-last kernels handle without a copy.
+            logical = _channels_first_view(x) if channels_last else x
+            output = forward(logical, gamma, beta, request.eps)
             if want:
-                output.backward(tensor(request.grad_output, False))
+                grad_output = tensor(request.grad_output, False)
+                if channels_last:
+                    grad_output = _channels_first_view(grad_output)
+                output.backward(grad_output)
         except Exception as error:  # noqa: BLE001 - the framework refused the input
             raise Rejected(f"{type(error).__name__}: {error}") from error
 
+        if channels_last:
+            output = _channels_last_view(output)
         return Result(
             output=_to_numpy(output),
             grad_input=_to_numpy(x.grad) if want else None,

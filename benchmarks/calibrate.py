@@ -14,14 +14,18 @@ the repository root:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters import registry  # noqa: E402
+from adapters.contract import Device  # noqa: E402
 from suites import cases  # noqa: E402
-from suites.verdicts import Item, run_item  # noqa: E402
+from suites.verdicts import Item, run_item, unsupported_reason  # noqa: E402
+
+CPU = Device("cpu")
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -51,23 +55,18 @@ def main() -> int:
     for adapter in adapters:
         for implementation in adapter.implementations():
             for dtype in arguments.dtypes.split(","):
-                reason = adapter.unsupported_reason(implementation.name, "cpu", dtype)
-                if reason:
-                    continue
                 for case in selected:
                     if not case.fits(dtype):
                         continue
+                    probe = Item(
+                        adapter.framework, implementation.name, "cpu", dtype, case, 0
+                    )
+                    if unsupported_reason(adapter, implementation, CPU, probe):
+                        continue
                     failing, ratio = 0, 0.0
                     for seed in range(arguments.seeds):
-                        item = Item(
-                            adapter.framework,
-                            implementation.name,
-                            "cpu",
-                            dtype,
-                            case,
-                            seed,
-                        )
-                        records = run_item(adapter, item, implementation.gradients)
+                        item = dataclasses.replace(probe, seed=seed)
+                        records = run_item(adapter, item, implementation)
                         failing += any(not r.conforming for r in records)
                         ratios = [
                             r.error / r.budget

@@ -1,7 +1,8 @@
 """The InstanceNorm case catalogue: named, seeded, reproducible inputs.
 
-A case fixes the shape, eps, the affine flag and a generator for each input. It does
-not fix a dtype: the suite rounds the generated float64 values to each tested dtype, and
+A case fixes the shape (always given as (N, C, *spatial)), eps, the affine flag, the
+layout the framework receives x in, and a generator for each input. It does not fix
+a dtype: the suite rounds the generated float64 values to each tested dtype, and
 the reference computes from those rounded values. Random streams are seeded from the run
 seed and the case name, so a case's inputs do not depend on which other cases run.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class Case:
     grad_output: Generator = DEFAULT_GRAD_OUTPUT
     rejection_allowed: bool = False
     rejection_reason: str = ""
-    tags: tuple[str, ...] = field(default=())
+    layout: str = "channels_first"
 
     @property
     def channels(self) -> int:
@@ -183,6 +184,43 @@ CATALOGUE: tuple[Case, ...] = (
     Case("random-1d", "shape", "normal x, spatial rank 1", (2, 3, 17)),
     Case("random-2d", "shape", "normal x, spatial rank 2", (2, 3, 5, 7)),
     Case("random-3d", "shape", "normal x, spatial rank 3", (2, 2, 3, 4, 5)),
+    Case(
+        "channels-last-1d",
+        "layout",
+        "normal x handed over as (N, L, C)",
+        (2, 3, 17),
+        layout="channels_last",
+    ),
+    Case(
+        "channels-last-2d",
+        "layout",
+        "normal x handed over as (N, H, W, C)",
+        (2, 3, 5, 7),
+        layout="channels_last",
+    ),
+    Case(
+        "channels-last-3d",
+        "layout",
+        "normal x handed over as (N, D, H, W, C)",
+        (2, 2, 3, 4, 5),
+        layout="channels_last",
+    ),
+    Case(
+        "channels-last-large-mean-2d",
+        "layout",
+        "offset 1e4, unit spread, handed over as (N, H, W, C)",
+        (2, 3, 16, 16),
+        x=Normal(1e4, 1.0),
+        layout="channels_last",
+    ),
+    Case(
+        "channels-last-large-mean-3d",
+        "layout",
+        "offset 1e4, unit spread, handed over as (N, D, H, W, C)",
+        (2, 3, 4, 8, 8),
+        x=Normal(1e4, 1.0),
+        layout="channels_last",
+    ),
     Case(
         "no-affine",
         "shape",

@@ -12,7 +12,7 @@ import shlex
 import pytest
 
 from suites.plugin import Target, record_verdicts
-from suites.verdicts import run_item, unsupported_records
+from suites.verdicts import run_item, unsupported_reason, unsupported_records
 
 
 def replay_command(request: pytest.FixtureRequest, target: Target) -> str:
@@ -24,28 +24,20 @@ def replay_command(request: pytest.FixtureRequest, target: Target) -> str:
     return shlex.join(["python", "-m", "pytest", request.node.nodeid, *options])
 
 
-def unsupported_reason(target: Target) -> str | None:
-    if not target.device.available:
-        return target.device.reason
-    declared = getattr(target.adapter, "unsupported_reason", None)
-    if declared is None:
-        return None
-    item = target.item
-    return declared(item.implementation, item.device, item.dtype)
-
-
 def test_instance_norm(conformance_target: Target, request: pytest.FixtureRequest):
     target = conformance_target
-    gradients = target.implementation.gradients
+    implementation = target.implementation
 
-    reason = unsupported_reason(target)
+    reason = unsupported_reason(
+        target.adapter, implementation, target.device, target.item
+    )
     if reason:
-        records = unsupported_records(target.item, reason, gradients)
+        records = unsupported_records(target.item, reason, implementation.gradients)
         record_verdicts(request.node, target, records)
         pytest.skip(reason)
 
     records = record_verdicts(
-        request.node, target, run_item(target.adapter, target.item, gradients)
+        request.node, target, run_item(target.adapter, target.item, implementation)
     )
 
     overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in records)

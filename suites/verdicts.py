@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.contract import Rejected, Request, Result
+from adapters.contract import Device, Implementation, Rejected, Request, Result
 from references import instance_norm as reference
 from suites import error_model
 from suites.cases import Case, Inputs, materialize
@@ -44,6 +44,7 @@ class Record:
     error: float | None
     budget: float | None
     message: str
+    # Index of the worst element in (N, C, *spatial) order, whatever the layout.
     worst_index: list[int] | None = None
     got: float | None = None
     expected: float | None = None
@@ -172,11 +173,14 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
     scale = expected_scales(case, dtype, seed)
     result_dtype = result.dtype
 
+    layout = case.layout
     records = []
     for quantity in quantities:
         exact = getattr(expected, quantity)
         got = getattr(result, quantity)
-        problem = _check_array(quantity, got, exact.shape)
+        x_shaped = quantity in ("output", "grad_input")
+        shape = to_layout(exact, layout).shape if x_shaped else exact.shape
+        problem = _check_array(quantity, got, shape)
         if problem is None and result_dtype is not None and result_dtype != dtype:
             problem = f"the framework returned {result_dtype} for a {dtype} input"
         if problem is not None:
@@ -186,6 +190,8 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
                 )
             )
             continue
+        if x_shaped:
+            got = from_layout(got, layout)
 
         comparison = error_model.compare(
             quantity, got, exact, scale[quantity], dtype, case.shape
@@ -227,31 +233,73 @@ def _record_comparison(
     )
 
 
+def to_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """Return x-shaped `array` in `layout` as a read-only contiguous array."""
+    if layout == "channels_first":
+        return array
+    moved = np.ascontiguousarray(np.moveaxis(array, 1, -1))
+    moved.flags.writeable = False
+    return moved
+
+
+def from_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """Return an x-shaped array given in `layout` as (N, C, *spatial)."""
+    if layout == "channels_first":
+        return array
+    return np.moveaxis(array, -1, 1)
+
+
 def build_request(item: Item, inputs: Inputs, gradients: bool) -> Request:
+    layout = item.case.layout
     return Request(
         op=OP,
         implementation=item.implementation,
         device=item.device,
         dtype=item.dtype,
-        x=inputs.x,
+        x=to_layout(inputs.x, layout),
         gamma=inputs.gamma,
         beta=inputs.beta,
-        grad_output=inputs.grad_output,
+        grad_output=to_layout(inputs.grad_output, layout),
         eps=item.case.eps,
         affine=item.case.affine,
         gradients=gradients,
+        layout=layout,
     )
 
 
-def run_item(adapter: object, item: Item, gradients: bool) -> list[Record]:
+def unsupported_reason(
+    adapter: object, implementation: Implementation, device: Device, item: Item
+) -> str | None:
+    """Return why the item cannot run (an absent device, or a layout, dtype or
+    device limit the adapter declares), or None when it runs."""
+    if not device.available:
+        return device.reason or f"device {device.name} is not available"
+    if item.case.layout not in implementation.layouts:
+        layouts = ", ".join(implementation.layouts)
+        return (
+            f"implementation {implementation.name} accepts {layouts} input only, "
+            f"not {item.case.layout}"
+        )
+    declared = getattr(adapter, "unsupported_reason", None)
+    if declared is None:
+        return None
+    return declared(item.implementation, item.device, item.dtype)
+
+
+def run_item(
+    adapter: object, item: Item, implementation: Implementation
+) -> list[Record]:
     """Run the item through the adapter and return one record per quantity.
 
-    With `gradients` False (the implementation returns none), the gradient
-    quantities are recorded as unsupported.
+    An implementation without gradients gets its gradient quantities recorded as
+    unsupported, with its `gradient_reason`.
     """
+    gradients = implementation.gradients
     records = []
     if not gradients:
-        reason = f"implementation {item.implementation} returns no gradients"
+        reason = implementation.gradient_reason or (
+            f"implementation {implementation.name} returns no gradients"
+        )
         records = [
             item.record(quantity, "unsupported", True, reason)
             for quantity in quantities_for(item.case, True)

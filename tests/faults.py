@@ -18,6 +18,7 @@ import numpy as np
 
 from adapters.contract import (
     CONTRACT_VERSION,
+    LAYOUTS,
     Adapter,
     Device,
     Implementation,
@@ -38,7 +39,8 @@ class Float32Kernel(Adapter):
         return np.__version__
 
     def implementations(self) -> Sequence[Implementation]:
-        return [Implementation("kernel", type(self).__doc__.splitlines()[0])]
+        description = (type(self).__doc__ or self.framework).splitlines()[0]
+        return [Implementation("kernel", description, layouts=LAYOUTS)]
 
     def devices(self) -> Sequence[Device]:
         return [Device("cpu")]
@@ -74,8 +76,11 @@ class Float32Kernel(Adapter):
 
     def run(self, request: Request) -> Result:
         x = np.asarray(request.x, dtype=F32)
-        channels = x.shape[1]
-        shape = [1, channels] + [1] * (x.ndim - 2)
+        # Channels-last input is reduced over its middle axes, with no transposes.
+        channel_axis = 1 if request.layout == "channels_first" else x.ndim - 1
+        channels = x.shape[channel_axis]
+        shape = [1] * x.ndim
+        shape[channel_axis] = channels
         gamma = (
             np.asarray(request.gamma, dtype=F32)
             if request.affine
@@ -87,8 +92,8 @@ class Float32Kernel(Adapter):
             else np.zeros(channels, F32)
         )
         gamma_b, beta_b = gamma.reshape(shape), beta.reshape(shape)
-        axes = tuple(range(2, x.ndim))
-        m = int(np.prod(x.shape[2:]))
+        axes = tuple(axis for axis in range(1, x.ndim) if axis != channel_axis)
+        m = int(np.prod([x.shape[axis] for axis in axes]))
 
         with np.errstate(invalid="ignore", over="ignore"):
             mean = self.mean(x, axes)

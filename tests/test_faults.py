@@ -20,7 +20,10 @@ def run(adapter, case_name: str, seed: int) -> dict[str, dict]:
     item = Item(
         adapter.framework, "kernel", "cpu", "float32", cases.by_name(case_name), seed
     )
-    return {record.quantity: record for record in run_item(adapter, item, True)}
+    return {
+        record.quantity: record
+        for record in run_item(adapter, item, adapter.implementations()[0])
+    }
 
 
 @pytest.mark.parametrize("case", [case.name for case in cases.CATALOGUE])

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from adapters.contract import Rejected
+from adapters.contract import Device, Implementation, Rejected
 from suites import cases, report
-from suites.verdicts import Item, run_item
+from suites.verdicts import Item, run_item, unsupported_reason
 from tests.faults import Float32Kernel
 
 
@@ -74,7 +75,10 @@ def verdicts(adapter, case_name: str) -> dict[str, object]:
     item = Item(
         adapter.framework, "kernel", "cpu", "float32", cases.by_name(case_name), 0
     )
-    return {record.quantity: record for record in run_item(adapter, item, True)}
+    return {
+        record.quantity: record
+        for record in run_item(adapter, item, adapter.implementations()[0])
+    }
 
 
 def test_rejection_allowed_conforms():
@@ -134,10 +138,81 @@ def test_no_affine_has_two_quantities():
 
 def test_no_gradients_marked_unsupported():
     item = Item("k", "kernel", "cpu", "float32", cases.by_name("random-2d"), 0)
-    records = {r.quantity: r for r in run_item(Float32Kernel(), item, False)}
+    implementation = Implementation(
+        "kernel", "forward only", gradients=False, gradient_reason="no autodiff"
+    )
+    records = {r.quantity: r for r in run_item(Float32Kernel(), item, implementation)}
     assert records["output"].verdict == "pass"
     assert records["grad_input"].verdict == "unsupported"
     assert records["grad_gamma"].verdict == "unsupported"
+    assert records["grad_gamma"].message == "no autodiff"
+
+
+def test_layout_unsupported_reason():
+    item = Item("k", "kernel", "cpu", "float32", cases.by_name("channels-last-2d"), 0)
+    adapter = Float32Kernel()
+    implementation = Implementation("kernel", "channels-first only")
+    reason = unsupported_reason(adapter, implementation, Device("cpu"), item)
+    assert "channels_first input only" in reason
+
+
+def test_absent_device_reason():
+    item = Item("k", "kernel", "gpu", "float32", cases.by_name("random-2d"), 0)
+    adapter = Float32Kernel()
+    (implementation,) = adapter.implementations()
+    device = Device("gpu", available=False, reason="no GPU seen")
+    assert unsupported_reason(adapter, implementation, device, item) == "no GPU seen"
+
+
+class ChannelsLastKernel(Float32Kernel):
+    """Takes x as (N, *spatial, C) and computes with the float32 kernel."""
+
+    framework = "channels-last"
+
+    def implementations(self):
+        return [Implementation("kernel", "channels-last", layouts=("channels_last",))]
+
+    def run(self, request):
+        moved = dataclasses.replace(
+            request,
+            x=np.moveaxis(request.x, -1, 1),
+            grad_output=np.moveaxis(request.grad_output, -1, 1),
+            layout="channels_first",
+        )
+        result = super().run(moved)
+        result.output = np.moveaxis(result.output, 1, -1)
+        result.grad_input = np.moveaxis(result.grad_input, 1, -1)
+        return result
+
+
+def test_channels_last_kernel_passes():
+    records = verdicts(ChannelsLastKernel(), "channels-last-3d")
+    assert {r.verdict for r in records.values()} == {"pass"}
+
+
+def test_channels_last_request_layout():
+    seen = []
+
+    class Spy(ChannelsLastKernel):
+        def run(self, request):
+            seen.append(request)
+            return super().run(request)
+
+    verdicts(Spy(), "channels-last-2d")
+    assert seen[0].x.shape == (2, 5, 7, 3)
+    assert seen[0].layout == "channels_last"
+
+
+def test_channels_first_output_for_channels_last_is_error():
+    class Untransposed(ChannelsLastKernel):
+        def run(self, request):
+            result = super().run(request)
+            result.output = np.moveaxis(result.output, -1, 1)
+            return result
+
+    record = verdicts(Untransposed(), "channels-last-2d")["output"]
+    assert record.verdict == "error"
+    assert "shape" in record.message
 
 
 def test_report_is_strict_json(tmp_path):
