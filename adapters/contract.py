@@ -99,6 +99,12 @@ class Result:
     request did not ask for them, and grad_gamma and grad_beta are None when affine
     is off. `dtype` names the dtype the framework returned its output in, as
     normconf spells dtypes ("float32").
+
+    `eps` is set only when the framework's interface cannot hold the request's eps
+    and stores a rounded value: ONNX keeps the epsilon attribute in float32, so 1e-5
+    reaches the kernel as 9.99999974737875e-06. It must equal the request's eps
+    rounded to float32, float16 or bfloat16; the suite then computes the reference
+    with it and records it. Any other value is an `error`.
     """
 
     output: np.ndarray | None
@@ -106,6 +112,7 @@ class Result:
     grad_gamma: np.ndarray | None = None
     grad_beta: np.ndarray | None = None
     dtype: str | None = None
+    eps: float | None = None
 
 
 class Adapter(abc.ABC):

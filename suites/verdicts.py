@@ -21,7 +21,7 @@ import numpy as np
 
 from adapters.contract import Device, Implementation, Rejected, Request, Result
 from references import instance_norm as reference
-from suites import error_model
+from suites import dtypes, error_model
 from suites.cases import Case, Inputs, materialize
 
 VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
@@ -50,6 +50,9 @@ class Record:
     expected: float | None = None
     result_dtype: str | None = None
     deviation: int | None = None
+    # The eps the reference used when the framework received a rounded one (see
+    # Result.eps); None when it received the case's eps.
+    eps: float | None = None
 
     @property
     def item_id(self) -> str:
@@ -59,26 +62,63 @@ class Record:
 
 
 @functools.lru_cache(maxsize=8)
-def expected_results(case: Case, dtype: str, seed: int) -> reference.Expected:
-    """Return the float64 reference for the case's inputs rounded to `dtype`.
+def expected_results(
+    case: Case, dtype: str, seed: int, eps: float | None = None
+) -> reference.Expected:
+    """Return the float64 reference for the case's inputs rounded to `dtype`, with
+    the case's eps or, when given, the eps the framework received.
 
     Cached so that every implementation and device tested in this dtype shares it.
     """
     inputs = materialize(case, dtype, seed)
     return reference.instance_norm(
-        inputs.x, inputs.gamma, inputs.beta, inputs.grad_output, case.eps
+        inputs.x,
+        inputs.gamma,
+        inputs.beta,
+        inputs.grad_output,
+        case.eps if eps is None else eps,
     )
 
 
 @functools.lru_cache(maxsize=8)
-def expected_scales(case: Case, dtype: str, seed: int) -> dict[str, np.ndarray]:
+def expected_scales(
+    case: Case, dtype: str, seed: int, eps: float | None = None
+) -> dict[str, np.ndarray]:
     inputs = materialize(case, dtype, seed)
     return error_model.scales(
         inputs.x,
         inputs.gamma,
         inputs.beta,
         inputs.grad_output,
-        expected_results(case, dtype, seed),
+        expected_results(case, dtype, seed, eps),
+    )
+
+
+# The formats in which a framework's interface may store eps (an ONNX attribute is
+# float32); a Result may declare eps rounded to one of them, and nothing else.
+EPS_FORMATS = ("float32", "float16", "bfloat16")
+
+
+def received_eps(requested: float, declared: object) -> tuple[float | None, str | None]:
+    """Check an adapter's declared eps: return (eps to use or None, problem or None).
+
+    None for eps means the request's own value; a declared value equal to it is
+    treated the same way.
+    """
+    if declared is None:
+        return None, None
+    if not isinstance(declared, (float, int)) or isinstance(declared, bool):
+        return None, f"Result.eps is a {type(declared).__name__}, not a float"
+    declared = float(declared)
+    if declared == requested:
+        return None, None
+    for name in EPS_FORMATS:
+        rounded = float(dtypes.round_to(np.array([requested]), name)[0])
+        if declared == rounded:
+            return declared, None
+    return None, (
+        f"Result.eps {declared!r} is not the requested eps {requested!r} rounded to "
+        f"any of {', '.join(EPS_FORMATS)}"
     )
 
 
@@ -169,8 +209,11 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
         message = f"adapter returned {type(result).__name__}, not a Result"
         return [item.record(q, "error", False, message) for q in quantities]
 
-    expected = expected_results(case, dtype, seed)
-    scale = expected_scales(case, dtype, seed)
+    eps, problem = received_eps(case.eps, result.eps)
+    if problem is not None:
+        return [item.record(q, "error", False, problem) for q in quantities]
+    expected = expected_results(case, dtype, seed, eps)
+    scale = expected_scales(case, dtype, seed, eps)
     result_dtype = result.dtype
 
     layout = case.layout
@@ -196,12 +239,18 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
         comparison = error_model.compare(
             quantity, got, exact, scale[quantity], dtype, case.shape
         )
-        records.append(_record_comparison(item, quantity, comparison, result_dtype))
+        records.append(
+            _record_comparison(item, quantity, comparison, result_dtype, eps)
+        )
     return records
 
 
 def _record_comparison(
-    item: Item, quantity: str, comparison: error_model.Comparison, result_dtype
+    item: Item,
+    quantity: str,
+    comparison: error_model.Comparison,
+    result_dtype,
+    eps: float | None = None,
 ) -> Record:
     verdict = "pass" if comparison.within_budget else "fail"
     if comparison.index is None:
@@ -219,6 +268,8 @@ def _record_comparison(
             f"expected {format_value(comparison.expected)}, error {error_text} "
             f"{relation} budget {comparison.budget:.3g} u of {item.dtype}"
         )
+    if eps is not None:
+        message += f" (reference with eps {eps!r}, as the framework stores it)"
     return item.record(
         quantity,
         verdict,
@@ -230,6 +281,7 @@ def _record_comparison(
         got=comparison.got,
         expected=comparison.expected,
         result_dtype=result_dtype,
+        eps=eps,
     )
 
 

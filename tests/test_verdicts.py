@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from adapters.contract import Device, Implementation, Rejected
+from adapters.contract import Device, Implementation, Rejected, Result
+from references.instance_norm import instance_norm
 from suites import cases, report
 from suites.verdicts import Item, run_item, unsupported_reason
 from tests.faults import Float32Kernel
@@ -238,3 +239,63 @@ def test_count_table_rows():
     assert lines[0].startswith("implementation")
     assert lines[2].split()[:3] == ["a/x", "1", "1"]
     assert lines[3].split()[:2] == ["b/y", "1"]
+
+
+class Float32EpsAttribute(Float32Kernel):
+    """A float64 kernel whose eps reaches it rounded to float32, as an ONNX attribute
+    does. It computes with the float64 reference itself, so only eps differs."""
+
+    framework = "float32-eps"
+    declared: object = "rounded"
+
+    def unsupported_reason(self, implementation, device, dtype):
+        return None
+
+    def run(self, request):
+        eps = float(np.float32(request.eps))
+        exact = instance_norm(
+            request.x, request.gamma, request.beta, request.grad_output, eps
+        )
+        declared = eps if self.declared == "rounded" else self.declared
+        return Result(
+            output=exact.output,
+            grad_input=exact.grad_input,
+            grad_gamma=exact.grad_gamma,
+            grad_beta=exact.grad_beta,
+            dtype="float64",
+            eps=declared,
+        )
+
+
+def float64_verdicts(adapter, case_name: str) -> dict[str, object]:
+    item = Item(
+        adapter.framework, "kernel", "cpu", "float64", cases.by_name(case_name), 0
+    )
+    return {
+        record.quantity: record
+        for record in run_item(adapter, item, adapter.implementations()[0])
+    }
+
+
+def test_declared_float32_eps_passes_with_its_reference():
+    records = float64_verdicts(Float32EpsAttribute(), "eps1e-3")
+    assert {r.verdict for r in records.values()} == {"pass"}
+    assert records["output"].eps == float(np.float32(1e-3))
+    assert "as the framework stores it" in records["output"].message
+
+
+def test_undeclared_float32_eps_fails_in_float64():
+    adapter = Float32EpsAttribute()
+    adapter.declared = None
+    records = float64_verdicts(adapter, "eps1e-3")
+    assert records["output"].verdict == "fail"
+    assert records["output"].eps is None
+
+
+@pytest.mark.parametrize("declared", [2e-3, "1e-3", True])
+def test_declared_eps_that_is_not_a_rounding_is_error(declared):
+    adapter = Float32EpsAttribute()
+    adapter.declared = declared
+    records = float64_verdicts(adapter, "eps1e-3")
+    assert {r.verdict for r in records.values()} == {"error"}
+    assert "Result.eps" in records["output"].message
