@@ -13,6 +13,8 @@ ENTRY_POINT_GROUP = "normconf.adapters"
 # Built-in adapters by framework name. Each module imports its framework at import
 # time, so a framework that is not installed shows up as an ImportError here.
 BUILTIN = {
+    "onnxruntime": "adapters.onnxruntime:OnnxRuntimeAdapter",
+    "onnxruntime-training": "adapters.onnxruntime:OnnxRuntimeTrainingAdapter",
     "torch": "adapters.pytorch:TorchAdapter",
 }
 
@@ -52,7 +54,12 @@ def load_object(spec: str) -> object:
                 f"adapter object {attribute!r} not found in module {module_name!r}"
             ) from error
     if isinstance(target, type):
-        target = target()
+        try:
+            target = target()
+        except ImportError as error:
+            # An adapter class may find at construction that its framework lacks
+            # what it needs (onnxruntime without the training extension).
+            raise AdapterLoadError(f"adapter {spec!r} cannot start: {error}") from error
     return target
 
 

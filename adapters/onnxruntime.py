@@ -1,0 +1,845 @@
+"""ONNX Runtime adapter: InstanceNorm as small ONNX models run by InferenceSession.
+
+Each implementation is an ONNX graph built with onnx.helper and checked with
+onnx.checker: the InstanceNormalization operator at opset 6, at the newest opset the
+installed onnx defines and, when onnxruntime cannot load that one, at the newest
+opset it can; GroupNormalization with num_groups = C; and BatchNormalization in
+training mode on the (1, N*C, ...) reshape. ONNX operators take channels-first input
+only, so every implementation declares that layout alone.
+
+Devices are execution providers, listed in the environment variable
+NORMCONF_ORT_PROVIDERS (comma-separated provider names) or, without it, taken from
+onnxruntime.get_available_providers(). The plain onnxruntime package has no
+gradient graph builder, so `OnnxRuntimeAdapter` returns outputs only.
+`OnnxRuntimeTrainingAdapter` runs with the onnxruntime-training package instead and
+returns gradients where that package's gradient builder supports the operator.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import TensorProto, helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from adapters.contract import (
+    CONTRACT_VERSION,
+    Adapter,
+    Device,
+    Implementation,
+    Rejected,
+    Request,
+    Result,
+)
+
+PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+PROVIDER_SUFFIX = "ExecutionProvider"
+
+# The Azure provider sends requests to remote endpoints and runs no ONNX operator
+# itself, so a session on it computes on the CPU provider. It is left out of the
+# default list; naming it in NORMCONF_ORT_PROVIDERS still declares its device.
+REMOTE_PROVIDERS = ("AzureExecutionProvider",)
+
+ONNX_TYPES = {
+    "float32": TensorProto.FLOAT,
+    "float64": TensorProto.DOUBLE,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+}
+
+# How ONNX operator schemas spell each dtype in their type constraints.
+SCHEMA_TYPE_NAMES = {
+    "float32": "tensor(float)",
+    "float64": "tensor(double)",
+    "float16": "tensor(float16)",
+    "bfloat16": "tensor(bfloat16)",
+}
+
+# onnxruntime's Python API converts no NumPy array to or from bfloat16, so a
+# bfloat16 graph takes and returns float32 and casts at its boundary. Both casts are
+# exact: the requests' float32 arrays hold bfloat16 values, and float32 holds every
+# bfloat16 value.
+BOUNDARY_TYPES = {**ONNX_TYPES, "bfloat16": TensorProto.FLOAT}
+
+# The exceptions onnxruntime raises from C++ (none derives from RuntimeError).
+# EPFail is missing from older releases.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(ort_state, name)
+    for name in (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
+    if hasattr(ort_state, name)
+)
+
+# Operators that only compute shapes or move data. On a non-CPU device every other
+# node of a graph must run on that device's provider.
+DATA_MOVEMENT_OPS = frozenset(
+    {
+        "Shape",
+        "Slice",
+        "Concat",
+        "Reshape",
+        "Tile",
+        "ConstantOfShape",
+        "Constant",
+        "Identity",
+        "Cast",
+        "Div",  # GroupNormalization's expansion divides C by num_groups in int64
+        "Mul",  # the batch-norm reshape multiplies N by C in int64
+        "Unsqueeze",
+        "Squeeze",
+    }
+)
+
+# Quiet session logging: every opset-6 session otherwise prints onnxruntime's
+# warning that it guarantees opsets 7 and newer only.
+SESSION_LOG_SEVERITY = 3  # 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+PROBE_LOG_SEVERITY = 4
+LOG_WARNING = 2
+DEFAULT_LOG_SEVERITY = 2  # onnxruntime's own default for its default logger
+ASSIGNMENT_CONFIG_KEY = "session.record_ep_graph_assignment_info"
+
+INSTANCE_NORM = "InstanceNormalization"
+GROUP_NORM = "GroupNormalization"
+BATCH_NORM = "BatchNormalization"
+
+# The first opset whose BatchNormalization has the training_mode attribute, and the
+# first whose GroupNormalization takes scale and bias per channel rather than per
+# group.
+BATCH_NORM_TRAINING_OPSET = 14
+GROUP_NORM_PER_CHANNEL_VERSION = 21
+
+# The signature every support probe builds: rank 2 input, three channels, eps 1e-5.
+# onnxruntime registers kernels per operator version, dtype and provider, not per
+# shape or attribute value, so one signature tells which dtypes run.
+PROBE_RANK = 2
+PROBE_CHANNELS = 3
+PROBE_EPS = 1e-5
+
+
+class DeviceFallbackError(Exception):
+    """A session did not run on the requested execution provider."""
+
+
+class GradientBuilderError(Exception):
+    """onnxruntime-training's gradient builder refused the model."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One implementation: the ONNX operator, the opset the model imports, and the
+    declaration that the contract publishes."""
+
+    operator: str
+    opset: int
+    implementation: Implementation
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Everything an ONNX graph depends on. `channels` is set only for graphs that
+    fix C (GroupNormalization's num_groups); every other dimension is symbolic."""
+
+    implementation: str
+    dtype: str
+    rank: int
+    eps: float
+    channels: int | None
+    gradients: bool
+
+
+# ---------------------------------------------------------------------------------
+# Graph construction
+
+
+def _dimension_names(rank: int) -> list[str]:
+    return ["N", "C"] + [f"D{axis}" for axis in range(1, rank + 1)]
+
+
+def _instance_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node(
+            INSTANCE_NORM,
+            ["x", "scale", "B"],
+            ["y"],
+            name="normalize",
+            epsilon=signature.eps,
+        )
+    ]
+
+
+def _group_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
+    # stash_type is the precision of the statistics: float32 by default, which
+    # would round float64 input to float32, so float64 asks for float64.
+    stash = TensorProto.DOUBLE if signature.dtype == "float64" else TensorProto.FLOAT
+    return [
+        helper.make_node(
+            GROUP_NORM,
+            ["x", "scale", "B"],
+            ["y"],
+            name="normalize",
+            epsilon=signature.eps,
+            num_groups=signature.channels,
+            stash_type=stash,
+        )
+    ]
+
+
+def _int64(name: str, values: list[int]) -> onnx.NodeProto:
+    tensor = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+    return helper.make_node("Constant", [], [name], value=tensor)
+
+
+def _batch_norm_reshape_nodes(signature: Signature) -> list[onnx.NodeProto]:
+    """Fold x to (1, N*C, *spatial), repeat scale and B N times, run
+    BatchNormalization in training mode and unfold the output."""
+    element_type = ONNX_TYPES[signature.dtype]
+    zero = helper.make_tensor("zero", element_type, [1], [0.0])
+    one = helper.make_tensor("one", element_type, [1], [1.0])
+    return [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Shape", ["x"], ["batch"], start=0, end=1),
+        helper.make_node("Shape", ["x"], ["channels"], start=1, end=2),
+        helper.make_node("Shape", ["x"], ["spatial"], start=2),
+        # N*C is computed, not left to Reshape's -1, which cannot infer a dimension
+        # of an empty tensor (N = 0).
+        helper.make_node("Mul", ["batch", "channels"], ["folded_channels"]),
+        _int64("one_batch", [1]),
+        helper.make_node(
+            "Concat",
+            ["one_batch", "folded_channels", "spatial"],
+            ["folded_shape"],
+            axis=0,
+        ),
+        # allowzero = 1: a 0 in the shape is a zero dimension, not "copy the input's"
+        helper.make_node("Reshape", ["x", "folded_shape"], ["folded"], allowzero=1),
+        helper.make_node("Tile", ["scale", "batch"], ["scale_repeated"]),
+        helper.make_node("Tile", ["B", "batch"], ["B_repeated"]),
+        helper.make_node("Shape", ["scale_repeated"], ["stats_shape"]),
+        helper.make_node("ConstantOfShape", ["stats_shape"], ["mean_in"], value=zero),
+        helper.make_node("ConstantOfShape", ["stats_shape"], ["var_in"], value=one),
+        # In training mode the output uses the batch statistics; the running mean
+        # and variance inputs only feed the unused running outputs.
+        helper.make_node(
+            BATCH_NORM,
+            ["folded", "scale_repeated", "B_repeated", "mean_in", "var_in"],
+            ["folded_y", "running_mean", "running_var"],
+            name="normalize",
+            epsilon=signature.eps,
+            momentum=0.9,
+            training_mode=1,
+        ),
+        helper.make_node("Reshape", ["folded_y", "x_shape"], ["y"], allowzero=1),
+    ]
+
+
+NODE_BUILDERS = {
+    INSTANCE_NORM: _instance_norm_nodes,
+    GROUP_NORM: _group_norm_nodes,
+    BATCH_NORM: _batch_norm_reshape_nodes,
+}
+
+
+def _boundary_casts(signature: Signature) -> tuple[list, list]:
+    """Return the nodes that convert bfloat16 graphs' float32 inputs and outputs,
+    and nothing for other dtypes."""
+    if signature.dtype != "bfloat16":
+        return [], []
+    to = ONNX_TYPES["bfloat16"]
+    names = ["x", "scale", "B"] + (["dy"] if signature.gradients else [])
+    before = [helper.make_node("Cast", [f"{n}_in"], [n], to=to) for n in names]
+    after = [helper.make_node("Cast", ["y"], ["y_out"], to=TensorProto.FLOAT)]
+    return before, after
+
+
+def _loss_nodes() -> list[onnx.NodeProto]:
+    """sum(y * dy), whose gradient with respect to y is dy, cast to float32.
+
+    onnxruntime-training 1.19.2's gradient builder seeds the loss gradient as a
+    float32 tensor and refuses a loss of another type ("Type (tensor(double)) of
+    output arg (y_dy_grad) ... does not match expected type (tensor(float))"); the
+    cast's gradient carries that seed back to the model's dtype exactly (it is 1).
+    """
+    return [
+        helper.make_node("Mul", ["y", "dy"], ["y_dy"]),
+        helper.make_node("ReduceSum", ["y_dy"], ["loss_t"], keepdims=0),
+        helper.make_node("Cast", ["loss_t"], ["loss"], to=TensorProto.FLOAT),
+    ]
+
+
+def build_model(spec: Spec, signature: Signature, ir_version: int) -> onnx.ModelProto:
+    """Build and check the ONNX model of one implementation and signature.
+
+    Inputs x, scale and B (and dy with gradients); outputs y (and the scalar loss
+    sum(y * dy) first, with gradients). A bfloat16 model's inputs and outputs are
+    float32 and carry the names with `_in` and `_out` appended.
+    """
+    dims = _dimension_names(signature.rank)
+    if signature.channels is not None:
+        dims[1] = signature.channels
+    boundary = BOUNDARY_TYPES[signature.dtype]
+    cast_before, cast_after = _boundary_casts(signature)
+    suffix_in = "_in" if cast_before else ""
+    suffix_out = "_out" if cast_after else ""
+
+    inputs = [
+        helper.make_tensor_value_info(f"x{suffix_in}", boundary, dims),
+        helper.make_tensor_value_info(f"scale{suffix_in}", boundary, [dims[1]]),
+        helper.make_tensor_value_info(f"B{suffix_in}", boundary, [dims[1]]),
+    ]
+    nodes = cast_before + NODE_BUILDERS[spec.operator](signature) + cast_after
+    outputs = [helper.make_tensor_value_info(f"y{suffix_out}", boundary, dims)]
+    if signature.gradients:
+        inputs.append(helper.make_tensor_value_info(f"dy{suffix_in}", boundary, dims))
+        nodes += _loss_nodes()
+        outputs.insert(0, helper.make_tensor_value_info("loss", TensorProto.FLOAT, []))
+
+    graph = helper.make_graph(nodes, f"normconf_{spec.operator}", inputs, outputs)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", spec.opset)],
+        ir_version=ir_version,
+        producer_name="normconf",
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _identity_model(opset: int, ir_version: int) -> onnx.ModelProto:
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])
+    result = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [result]
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version
+    )
+
+
+def _minimum_ir_version(opset: int) -> int:
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+
+
+# ---------------------------------------------------------------------------------
+# Sessions
+
+
+def _session_options(provider: str, severity: int) -> onnxruntime.SessionOptions:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = severity
+    if provider != CPU_PROVIDER:
+        options.add_session_config_entry(ASSIGNMENT_CONFIG_KEY, "1")
+    return options
+
+
+def _check_placement(session: onnxruntime.InferenceSession, provider: str) -> None:
+    """Raise DeviceFallbackError unless the session computes on `provider`.
+
+    onnxruntime runs a node that no requested provider supports on the CPU provider,
+    so without this check a CUDA item could silently report CPU results.
+    """
+    active = session.get_providers()
+    if not active or active[0] != provider:
+        raise DeviceFallbackError(
+            f"onnxruntime created the session with providers {active}, "
+            f"not with {provider} first"
+        )
+    if provider == CPU_PROVIDER:
+        return
+    # NOTE: onnxruntime releases without get_provider_graph_assignment_info (such
+    # as onnxruntime-training 1.19.2) get only the check above, which does not see
+    # single nodes placed on the CPU provider.
+    assignments = getattr(session, "get_provider_graph_assignment_info", None)
+    if assignments is None:
+        return
+    elsewhere = [
+        f"{node.op_type} on {subgraph.ep_name}"
+        for subgraph in assignments()
+        if subgraph.ep_name != provider
+        for node in subgraph.get_nodes()
+        if node.op_type not in DATA_MOVEMENT_OPS
+    ]
+    if elsewhere:
+        raise DeviceFallbackError(
+            f"nodes that compute did not run on {provider}: {', '.join(elsewhere)}"
+        )
+
+
+def create_session(
+    model: onnx.ModelProto | bytes, provider: str, severity: int = SESSION_LOG_SEVERITY
+) -> onnxruntime.InferenceSession:
+    """Create a session on `provider` alone and check that it computes there.
+
+    Raises onnxruntime's own errors (ORT_ERRORS) when it refuses the model, and
+    DeviceFallbackError when the work would run on another provider.
+    """
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    # enable_fallback=0 stops the Python wrapper from retrying on the CPU provider
+    # when the requested one fails (releases that predate the keyword ignore it).
+    session = onnxruntime.InferenceSession(
+        data,
+        _session_options(provider, severity),
+        providers=[provider],
+        enable_fallback=0,
+    )
+    session.disable_fallback()
+    _check_placement(session, provider)
+    return session
+
+
+def _loads(model: onnx.ModelProto) -> bool:
+    try:
+        create_session(model, CPU_PROVIDER, PROBE_LOG_SEVERITY)
+    except ORT_ERRORS:
+        return False
+    return True
+
+
+def newest_loadable_ir_version() -> int:
+    """Return the newest ONNX IR version that this onnxruntime loads, by trial."""
+    for ir_version in range(onnx.IR_VERSION, 3, -1):
+        if _loads(_identity_model(7, ir_version)):
+            return ir_version
+    return 3
+
+
+def model_ir_version(opset: int, newest_ir: int) -> int:
+    """Return the IR version to stamp on a model of `opset`: the one the onnx
+    release that introduced the opset used, capped at what onnxruntime loads."""
+    return min(_minimum_ir_version(opset), newest_ir)
+
+
+def newest_loadable_opset(newest_ir: int) -> int:
+    """Return the newest default-domain opset that this onnxruntime loads, by trial."""
+    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
+        if _loads(_identity_model(opset, model_ir_version(opset, newest_ir))):
+            return opset
+    return 7
+
+
+def _provider_error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
+# ---------------------------------------------------------------------------------
+# Providers and devices
+
+
+def device_name(provider: str) -> str:
+    """Return the normconf device name of an execution provider: 'cpu' for
+    CPUExecutionProvider, 'cuda' for CUDAExecutionProvider, and the lowercased name
+    without 'ExecutionProvider' for the others ('tensorrt', 'openvino', 'dml')."""
+    return provider.removesuffix(PROVIDER_SUFFIX).lower()
+
+
+def requested_providers() -> list[str]:
+    """Return the providers to test: NORMCONF_ORT_PROVIDERS, or the available ones
+    without the remote-only providers, always with CPUExecutionProvider first."""
+    value = os.environ.get(PROVIDERS_VARIABLE, "")
+    if value.strip():
+        providers = [part.strip() for part in value.split(",") if part.strip()]
+    else:
+        providers = [
+            provider
+            for provider in onnxruntime.get_available_providers()
+            if provider not in REMOTE_PROVIDERS
+        ]
+    ordered = [CPU_PROVIDER]
+    for provider in providers:
+        if provider not in ordered:
+            ordered.append(provider)
+    return ordered
+
+
+def _package_description() -> str:
+    available = ", ".join(onnxruntime.get_available_providers())
+    return f"onnxruntime {onnxruntime.__version__} (providers: {available})"
+
+
+def _probe_provider(provider: str) -> str | None:
+    """Return why `provider` cannot run a session here, or None when it can."""
+    if provider not in onnxruntime.get_all_providers():
+        return (
+            f"{provider} from {PROVIDERS_VARIABLE} is not an onnxruntime execution "
+            f"provider name; known names: {', '.join(onnxruntime.get_all_providers())}"
+        )
+    if provider not in onnxruntime.get_available_providers():
+        return f"{_package_description()} was not built with {provider}"
+    model = _identity_model(7, _minimum_ir_version(7))
+    # A provider whose libraries fail to load says why only in onnxruntime's default
+    # log, on the process's stderr; the probe captures it for the device's reason.
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        onnxruntime.set_default_logger_severity(LOG_WARNING)
+        try:
+            create_session(model, provider, PROBE_LOG_SEVERITY)
+            problem = None
+        except (*ORT_ERRORS, DeviceFallbackError, ValueError, RuntimeError) as error:
+            problem = _provider_error_text(error)
+        finally:
+            onnxruntime.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        logged = log.read().decode(errors="replace")
+    if problem is None:
+        return None
+    causes = _logged_errors(logged)
+    return (
+        f"{_package_description()} failed to create a session on {provider}: "
+        f"{problem}" + (f"; onnxruntime logged: {causes}" if causes else "")
+    )
+
+
+def _logged_errors(text: str) -> str:
+    """Return the messages of the error lines of onnxruntime's log text, joined."""
+    messages = []
+    for line in text.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+        if "[E:onnxruntime" in line or "[W:onnxruntime" in line:
+            message = line.split("] ", 1)[-1]
+            if message not in messages:
+                messages.append(message)
+    return " | ".join(messages)
+
+
+def discover_devices(providers: list[str]) -> dict[str, tuple[Device, str]]:
+    """Map device names to (Device, provider), declaring a 'cuda' device even when
+    CUDAExecutionProvider is absent or fails, with the reason."""
+    devices: dict[str, tuple[Device, str]] = {"cpu": (Device("cpu"), CPU_PROVIDER)}
+    if CUDA_PROVIDER not in providers:
+        providers = [*providers, CUDA_PROVIDER]
+    for provider in providers:
+        if provider == CPU_PROVIDER:
+            continue
+        name = device_name(provider)
+        reason = _probe_provider(provider)
+        if reason is None:
+            devices[name] = (Device(name), provider)
+        else:
+            devices[name] = (Device(name, available=False, reason=reason), provider)
+    return devices
+
+
+# ---------------------------------------------------------------------------------
+# Implementations
+
+
+def _group_norm_per_channel(opset: int) -> bool:
+    try:
+        schema = onnx.defs.get_schema(GROUP_NORM, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    return schema.since_version >= GROUP_NORM_PER_CHANNEL_VERSION
+
+
+def build_specs(newest_opset: int, gradient_reason: str) -> dict[str, Spec]:
+    """Return the implementations, keyed by name.
+
+    InstanceNormalization runs at opset 6 and at the newest opset onnx defines. When
+    onnxruntime cannot load that opset, that implementation is declared anyway (its
+    items are unsupported, with onnxruntime's error) and another runs at
+    `newest_opset`, the newest that onnxruntime loads. GroupNormalization and
+    BatchNormalization run at `newest_opset`.
+    """
+    newest_defined = onnx.defs.onnx_opset_version()
+    opsets = sorted({6, newest_defined, newest_opset})
+
+    def implementation(name: str, description: str) -> Implementation:
+        return Implementation(
+            name, description, gradients=False, gradient_reason=gradient_reason
+        )
+
+    specs = {}
+    for opset in opsets:
+        name = f"instance-norm-opset{opset}"
+        description = f"ONNX {INSTANCE_NORM} in a model importing opset {opset}"
+        specs[name] = Spec(INSTANCE_NORM, opset, implementation(name, description))
+    if _group_norm_per_channel(newest_opset):
+        description = (
+            f"ONNX {GROUP_NORM} (opset {newest_opset}) with num_groups = C, "
+            "statistics in float64 for float64 input and in float32 otherwise"
+        )
+        specs["group-norm"] = Spec(
+            GROUP_NORM, newest_opset, implementation("group-norm", description)
+        )
+    if newest_opset >= BATCH_NORM_TRAINING_OPSET:
+        description = (
+            f"ONNX {BATCH_NORM} (opset {newest_opset}), training_mode = 1, on the "
+            "(1, N*C, ...) reshape with scale and B repeated N times"
+        )
+        specs["batch-norm-reshape"] = Spec(
+            BATCH_NORM, newest_opset, implementation("batch-norm-reshape", description)
+        )
+    return specs
+
+
+def schema_reason(spec: Spec, dtype: str) -> str | None:
+    """Return why the ONNX standard excludes `dtype` for the operator at the spec's
+    opset (a type constraint without it), or None when it allows it."""
+    schema = onnx.defs.get_schema(spec.operator, spec.opset, "")
+    type_name = SCHEMA_TYPE_NAMES[dtype]
+    data_input = schema.inputs[0]
+    for constraint in schema.type_constraints:
+        if constraint.type_param_str != data_input.type_str:
+            continue
+        allowed = list(constraint.allowed_type_strs)
+        if type_name in allowed:
+            return None
+        return (
+            f"ONNX {spec.operator} version {schema.since_version} (opset "
+            f"{spec.opset}) does not allow {type_name}: its type constraint "
+            f"{constraint.type_param_str} allows {', '.join(allowed)}"
+        )
+    return None
+
+
+def _container(dtype: str):
+    return np.float32 if dtype == "bfloat16" else np.dtype(dtype).type
+
+
+# ---------------------------------------------------------------------------------
+# The adapter
+
+
+class OnnxRuntimeAdapter(Adapter):
+    contract_version = CONTRACT_VERSION
+    framework = "onnxruntime"
+
+    def __init__(self) -> None:
+        self._newest_ir = newest_loadable_ir_version()
+        self._newest_opset = newest_loadable_opset(self._newest_ir)
+        self._specs = build_specs(self._newest_opset, self._gradient_reason())
+        self._devices = discover_devices(requested_providers())
+        self._sessions: dict[tuple[Signature, str], onnxruntime.InferenceSession] = {}
+        self._support: dict[tuple[str, str, str], str | None] = {}
+
+    def _gradient_reason(self) -> str:
+        return (
+            f"the onnxruntime package ({onnxruntime.__version__}) runs inference "
+            "only: it has no gradient graph builder (that is in onnxruntime-training)"
+        )
+
+    def version(self) -> str:
+        return onnxruntime.__version__
+
+    def implementations(self) -> Sequence[Implementation]:
+        return [spec.implementation for spec in self._specs.values()]
+
+    def devices(self) -> Sequence[Device]:
+        return [device for device, _ in self._devices.values()]
+
+    def provider(self, device: str) -> str:
+        return self._devices[device][1]
+
+    def _signature(
+        self, spec: Spec, dtype: str, rank: int, eps: float, channels: int, grads: bool
+    ) -> Signature:
+        return Signature(
+            implementation=spec.implementation.name,
+            dtype=dtype,
+            rank=rank,
+            eps=eps,
+            channels=channels if spec.operator == GROUP_NORM else None,
+            gradients=grads,
+        )
+
+    def model_bytes(self, spec: Spec, signature: Signature) -> bytes:
+        """Return the serialized model that a session for `signature` loads."""
+        ir_version = model_ir_version(spec.opset, self._newest_ir)
+        return build_model(spec, signature, ir_version).SerializeToString()
+
+    def session(
+        self, spec: Spec, signature: Signature, device: str
+    ) -> onnxruntime.InferenceSession:
+        """Return the cached session for `signature` on `device`, creating it once."""
+        key = (signature, device)
+        session = self._sessions.get(key)
+        if session is None:
+            model = self.model_bytes(spec, signature)
+            session = create_session(model, self.provider(device))
+            self._sessions[key] = session
+        return session
+
+    def _wants_gradients(self, spec: Spec) -> bool:
+        return spec.implementation.gradients
+
+    def unsupported_reason(
+        self, implementation: str, device: str, dtype: str
+    ) -> str | None:
+        """Build the implementation's probe session once per (implementation, device,
+        dtype) and return onnxruntime's error when it refuses, else None."""
+        key = (implementation, device, dtype)
+        if key not in self._support:
+            self._support[key] = self._probe(implementation, device, dtype)
+        return self._support[key]
+
+    def _probe(self, implementation: str, device: str, dtype: str) -> str | None:
+        spec = self._specs[implementation]
+        excluded = schema_reason(spec, dtype)
+        if excluded is not None:
+            return excluded
+        signature = self._signature(
+            spec,
+            dtype,
+            PROBE_RANK,
+            PROBE_EPS,
+            PROBE_CHANNELS,
+            self._wants_gradients(spec),
+        )
+        try:
+            self.session(spec, signature, device)
+        except (*ORT_ERRORS, GradientBuilderError, DeviceFallbackError) as error:
+            return (
+                f"onnxruntime {onnxruntime.__version__} cannot run {implementation} "
+                f"(opset {spec.opset}) in {dtype} on {self.provider(device)}: "
+                f"{_provider_error_text(error)}"
+            )
+        return None
+
+    def _feeds(self, request: Request, names: list[str]) -> dict[str, np.ndarray]:
+        container = _container(request.dtype)
+        channels = request.x.shape[1]
+        if request.affine:
+            scale, bias = request.gamma, request.beta
+        else:
+            scale = np.ones(channels, dtype=container)
+            bias = np.zeros(channels, dtype=container)
+        arrays = {"x": request.x, "scale": scale, "B": bias, "dy": request.grad_output}
+        suffix = "_in" if request.dtype == "bfloat16" else ""
+        feeds = {}
+        for name in names:
+            feeds[f"{name}{suffix}"] = np.ascontiguousarray(arrays[name], container)
+        return feeds
+
+    def run(self, request: Request) -> Result:
+        spec = self._specs[request.implementation]
+        grads = request.gradients and self._wants_gradients(spec)
+        signature = self._signature(
+            spec,
+            request.dtype,
+            request.x.ndim - 2,
+            request.eps,
+            request.x.shape[1],
+            grads,
+        )
+        names = ["x", "scale", "B"] + (["dy"] if grads else [])
+        try:
+            session = self.session(spec, signature, request.device)
+            outputs = session.run(None, self._feeds(request, names))
+        except (*ORT_ERRORS, GradientBuilderError) as error:
+            raise Rejected(_provider_error_text(error)) from error
+        named = {
+            meta.name.removesuffix("_out"): value
+            for meta, value in zip(session.get_outputs(), outputs, strict=True)
+        }
+        return self.result(request, named)
+
+    def result(self, request: Request, named: dict[str, np.ndarray]) -> Result:
+        """Return the Result for the session outputs `named` (output suffixes
+        stripped)."""
+        output = named["y"]
+        dtype = "bfloat16" if request.dtype == "bfloat16" else output.dtype.name
+        # ONNX float attributes are float32: the kernel receives eps rounded to it.
+        return Result(output=output, dtype=dtype, eps=float(np.float32(request.eps)))
+
+
+# ---------------------------------------------------------------------------------
+# onnxruntime-training
+
+
+class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
+    """The same models run by the onnxruntime-training package, with gradients where
+    its gradient builder supports the operator.
+
+    onnxruntime-training installs the `onnxruntime` module in place of the plain
+    package, so this adapter needs an environment of its own. Gradients come from
+    onnxruntime's GradientGraphBuilder: the forward model plus the loss
+    sum(y * dy) goes through the training graph transformations
+    (get_optimized_model, which turns BatchNormalization in training mode into
+    BatchNormInternal) and then gets a backward graph with outputs x_grad,
+    scale_grad and B_grad, run in an ordinary InferenceSession.
+    """
+
+    framework = "onnxruntime-training"
+
+    # The operators whose gradient onnxruntime-training 1.19.2 builds, measured:
+    # InstanceNormalization and GroupNormalization raise "The gradient builder has
+    # not been registered".
+    GRADIENT_OPERATORS = (BATCH_NORM,)
+    REQUIRES_GRAD = ("x", "scale", "B")
+
+    def __init__(self) -> None:
+        if not hasattr(ort_state, "GradientGraphBuilder"):
+            raise ImportError(
+                f"onnxruntime {onnxruntime.__version__} has no GradientGraphBuilder: "
+                "install onnxruntime-training (requirements/onnxruntime-training.txt) "
+                "in place of onnxruntime"
+            )
+        super().__init__()
+        self._specs = {
+            name: self._with_gradients(spec) for name, spec in self._specs.items()
+        }
+
+    def _gradient_reason(self) -> str:
+        return (
+            f"onnxruntime-training {onnxruntime.__version__} has no gradient builder "
+            "for this operator (GradientGraphBuilder raises 'The gradient builder has "
+            "not been registered')"
+        )
+
+    def _with_gradients(self, spec: Spec) -> Spec:
+        if spec.operator not in self.GRADIENT_OPERATORS:
+            return spec
+        declared = Implementation(
+            spec.implementation.name,
+            spec.implementation.description + "; gradients from GradientGraphBuilder",
+        )
+        return Spec(spec.operator, spec.opset, declared)
+
+    def model_bytes(self, spec: Spec, signature: Signature) -> bytes:
+        forward = super().model_bytes(spec, signature)
+        if not signature.gradients:
+            return forward
+        requires_grad = set(self.REQUIRES_GRAD)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = PROBE_LOG_SEVERITY
+        try:
+            optimized = ort_state.get_optimized_model(forward, requires_grad, options)
+            builder = ort_state.GradientGraphBuilder(
+                optimized, {"loss"}, requires_grad, "loss", options
+            )
+            builder.build()
+        except RuntimeError as error:
+            raise GradientBuilderError(str(error)) from error
+        return builder.get_model()
+
+    def result(self, request: Request, named: dict[str, np.ndarray]) -> Result:
+        result = super().result(request, named)
+        if "x_grad" not in named:
+            return result
+        result.grad_input = named["x_grad"]
+        if request.affine:
+            result.grad_gamma = named["scale_grad"]
+            result.grad_beta = named["B_grad"]
+        return result
