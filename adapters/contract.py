@@ -24,6 +24,7 @@ Contract version 1:
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,6 +143,9 @@ class Adapter(abc.ABC):
 
 REQUIRED_METHODS = ("version", "implementations", "devices", "run")
 
+# Framework and implementation names appear in test ids and deviation entries.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
 
 class ContractError(Exception):
     """An adapter does not satisfy the contract (raised before any case runs)."""
@@ -159,11 +163,31 @@ def validate(adapter: object, origin: str) -> None:
             f"this normconf supports contract version {CONTRACT_VERSION}"
         )
     framework = getattr(adapter, "framework", None)
-    if not isinstance(framework, str) or not framework:
-        raise ContractError(f"adapter {origin} has no `framework` name string")
+    if not isinstance(framework, str) or not NAME_PATTERN.fullmatch(framework):
+        raise ContractError(
+            f"adapter {origin} has framework name {framework!r}; it must be a short "
+            "lowercase name of letters, digits, '.', '_' and '-' (it starts test ids)"
+        )
     for name in REQUIRED_METHODS:
         if not callable(getattr(adapter, name, None)):
             raise ContractError(f"adapter {origin} lacks the required method {name}()")
-    names = [implementation.name for implementation in adapter.implementations()]
+    declared = {}
+    for method in ("version", "implementations", "devices"):
+        try:
+            declared[method] = getattr(adapter, method)()
+        except Exception as error:  # noqa: BLE001 - reported before any case runs
+            raise ContractError(
+                f"adapter {origin}: {method}() raised {type(error).__name__}: {error}"
+            ) from error
+    for method in ("implementations", "devices"):
+        if not declared[method]:
+            raise ContractError(f"adapter {origin} declares no {method}")
+    names = [implementation.name for implementation in declared["implementations"]]
     if len(set(names)) != len(names):
         raise ContractError(f"adapter {origin} has duplicate implementation names")
+    for name in names:
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ContractError(
+                f"adapter {origin} has implementation name {name!r}; use lowercase "
+                "letters, digits, '.', '_' and '-'"
+            )

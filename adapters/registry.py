@@ -41,9 +41,10 @@ def load_object(spec: str) -> object:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except Exception as error:  # noqa: BLE001 - a syntax error is a load error too
         raise AdapterLoadError(
-            f"adapter module {module_name!r} from {spec!r} failed to import: {error}"
+            f"adapter module {module_name!r} from {spec!r} failed to import: "
+            f"{type(error).__name__}: {error}"
         ) from error
     target = module
     for part in attribute.split("."):
@@ -56,10 +57,12 @@ def load_object(spec: str) -> object:
     if isinstance(target, type):
         try:
             target = target()
-        except ImportError as error:
+        except Exception as error:  # noqa: BLE001 - reported before any case runs
             # An adapter class may find at construction that its framework lacks
             # what it needs (onnxruntime without the training extension).
-            raise AdapterLoadError(f"adapter {spec!r} cannot start: {error}") from error
+            raise AdapterLoadError(
+                f"adapter {spec!r} cannot start: {type(error).__name__}: {error}"
+            ) from error
     return target
 
 

@@ -121,11 +121,23 @@ class Case:
         """M, the number of elements in one (n, c) slice."""
         return int(np.prod(self.shape[2:], dtype=np.int64))
 
+    def largest_input(self) -> float:
+        """Return an upper bound on the magnitude of every generated value."""
+        generators = (self.x, self.gamma, self.beta, self.grad_output)
+        return max(generator.max_abs() for generator in generators)
+
     def fits(self, dtype: str) -> bool:
         """Return True if every generated value is finite in `dtype`."""
-        generators = (self.x, self.gamma, self.beta, self.grad_output)
-        largest = max(generator.max_abs() for generator in generators)
-        return largest < dtypes.MAX_FINITE[dtype]
+        return self.largest_input() < dtypes.MAX_FINITE[dtype]
+
+    def unfit_reason(self, dtype: str) -> str | None:
+        """Return why the case cannot be posed in `dtype`, or None if it can."""
+        if self.fits(dtype):
+            return None
+        return (
+            f"case {self.name} has inputs up to {self.largest_input():.3g}, beyond "
+            f"{dtype}'s largest finite value {dtypes.MAX_FINITE[dtype]:.5g}"
+        )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from suites import dtypes
+from suites.cases import CATALOGUE
 from suites.error_model import QUANTITIES
 
 DEFAULT_PATH = Path(__file__).with_name("deviations.toml")
@@ -98,6 +99,11 @@ def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
     except InvalidSpecifier as error:
         raise DeviationsError(f"{where}: invalid versions: {error}") from error
 
+    known_cases = {case.name for case in CATALOGUE}
+    for name in _strings(entry, "cases", where):
+        if name not in known_cases:
+            raise DeviationsError(f"{where}: unknown case {name!r}")
+
     optional = {key: _strings(entry, key, where) for key in OPTIONAL if key in entry}
     for name in optional.get("dtypes", ()):
         if name not in dtypes.DTYPES:
@@ -131,7 +137,7 @@ def load(path: Path) -> list[Deviation]:
     """Parse a deviations file, raising DeviationsError with the file and entry."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise DeviationsError(f"cannot read deviations file {path}: {error}") from error
     except tomllib.TOMLDecodeError as error:
         raise DeviationsError(f"{path}: invalid TOML: {error}") from error

@@ -45,12 +45,22 @@ class State:
     records: list[dict]
 
     def stale_deviations(self) -> list[deviations.Deviation]:
-        """Return entries whose coordinates ran but that matched no record."""
+        """Return entries whose coordinates ran but that matched no record, and
+        entries for a framework that ran which name none of its implementations."""
         versions = {adapter.framework: adapter.version() for adapter in self.adapters}
+        declared = {
+            adapter.framework: {i.name for i in adapter.implementations()}
+            for adapter in self.adapters
+        }
         stale = []
         for entry in self.deviations:
             version = versions.get(entry.framework)
             if version is None:
+                continue
+            if not deviations.version_matches(version, entry.versions):
+                continue
+            if not set(entry.implementations) & declared[entry.framework]:
+                stale.append(entry)
                 continue
             covered = [r for r in self.records if entry.covers(r, version)]
             ran = [r for r in covered if r["verdict"] != "unsupported"]
@@ -126,9 +136,11 @@ def _split(values: list[str] | str | None) -> list[str]:
         return []
     if isinstance(values, str):
         values = [values]
-    return [
+    parts = [
         part.strip() for value in values for part in value.split(",") if part.strip()
     ]
+    # A name given twice selects once: duplicated items would share a test id.
+    return list(dict.fromkeys(parts))
 
 
 def _collects_suites(config: pytest.Config) -> bool:
@@ -171,6 +183,13 @@ def _load_adapters(
 
 
 def _validate_selection(config: pytest.Config) -> None:
+    for option in ("dtypes", "cases", "devices"):
+        value = config.getoption(option)
+        if value is not None and not _split(value):
+            raise pytest.UsageError(f"--{option}: the list is empty")
+    for option in ("framework", "adapter"):
+        if any(not _split(value) for value in config.getoption(option)):
+            raise pytest.UsageError(f"--{option}: empty value")
     for name in _split(config.getoption("dtypes")):
         try:
             dtypes.check_dtype(name)
@@ -191,6 +210,12 @@ def pytest_configure(config: pytest.Config) -> None:
     missing: list[registry.Missing] = []
     if _collects_suites(config):
         adapters, missing = _load_adapters(config)
+        if not adapters and not config.getoption("collectonly"):
+            not_installed = "; ".join(m.reason for m in missing) or "none found"
+            raise pytest.UsageError(
+                "no adapter to run: no built-in framework is installed and no "
+                f"--adapter or entry-point adapter was given ({not_installed})"
+            )
         _check_devices(config, adapters)
     _check_report_path(config)
     try:
@@ -215,6 +240,16 @@ def _check_report_path(config: pytest.Config) -> None:
         ) from error
     if target.is_dir() or not os.access(target.parent, os.W_OK):
         raise pytest.UsageError(f"--report: {path} is not a writable file path")
+    # Open it now, so that a path the checks above miss (/proc/x.json) fails before
+    # the run rather than after it; a file created here only for the test goes.
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise pytest.UsageError(f"--report: cannot write {path}: {error}") from error
+    if not existed:
+        target.unlink()
 
 
 def _device_selected(device: Device, wanted: list[str]) -> bool:
@@ -259,8 +294,6 @@ def targets(config: pytest.Config) -> list[Target]:
                     continue
                 for dtype in wanted_dtypes:
                     for case in selected_cases:
-                        if not case.fits(dtype):
-                            continue
                         item = Item(
                             adapter.framework,
                             implementation.name,
@@ -371,6 +404,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if state is None or not state.records:
         return
     terminalreporter.section("normconf verdicts")
+    terminalreporter.write_line(
+        "records per verdict: one record per (item, quantity), so an item counts "
+        "up to four times"
+    )
     for line in report.count_table(state.records):
         terminalreporter.write_line(line)
     notable = report.notable_items(state.records)

@@ -11,6 +11,7 @@ import shlex
 
 import pytest
 
+from suites import deviations
 from suites.plugin import Target, record_verdicts
 from suites.verdicts import run_item, unsupported_reason, unsupported_records
 
@@ -18,9 +19,16 @@ from suites.verdicts import run_item, unsupported_reason, unsupported_records
 def replay_command(request: pytest.FixtureRequest, target: Target) -> str:
     """Return a command that reruns this item alone with the same inputs."""
     config = request.config
-    options = [f"--seed={config.getoption('seed')}", f"--dtypes={target.item.dtype}"]
+    options = [
+        f"--seed={config.getoption('seed')}",
+        f"--dtypes={target.item.dtype}",
+        f"--devices={target.item.device}",
+        f"--cases={target.item.case.name}",
+    ]
     options += [f"--framework={name}" for name in config.getoption("framework")]
     options += [f"--adapter={spec}" for spec in config.getoption("adapter")]
+    if config.getoption("deviations") != str(deviations.DEFAULT_PATH):
+        options.append(f"--deviations={config.getoption('deviations')}")
     return shlex.join(["python", "-m", "pytest", request.node.nodeid, *options])
 
 

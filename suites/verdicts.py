@@ -324,6 +324,9 @@ def unsupported_reason(
 ) -> str | None:
     """Return why the item cannot run (an absent device, or a layout, dtype or
     device limit the adapter declares), or None when it runs."""
+    unfit = item.case.unfit_reason(item.dtype)
+    if unfit is not None:
+        return unfit
     if not device.available:
         return device.reason or f"device {device.name} is not available"
     if item.case.layout not in implementation.layouts:

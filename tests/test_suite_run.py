@@ -232,3 +232,187 @@ def test_wrong_contract_version_rejected(tmp_path):
     )
     assert completed.returncode == USAGE_ERROR
     assert "contract_version 0" in completed.stderr
+
+
+def run_with_module(tmp_path: Path, source: str, *arguments: str):
+    (tmp_path / "trial_adapter.py").write_text(source, encoding="utf-8")
+    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
+    return subprocess.run(
+        [*command, *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+
+
+BASE = "from tests.faults import Float32Kernel\n"
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def broken(:\n", "SyntaxError"),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def __init__(self):\n        raise RuntimeError('no backend')\n",
+            "cannot start: RuntimeError: no backend",
+        ),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def __init__(self, path):\n        pass\n",
+            "cannot start: TypeError",
+        ),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def implementations(self):\n        raise KeyError('x')\n",
+            "implementations() raised KeyError",
+        ),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def devices(self):\n        return []\n",
+            "declares no devices",
+        ),
+        (
+            BASE + "class A(Float32Kernel):\n    framework = 'Bad Name'\n",
+            "framework name 'Bad Name'",
+        ),
+    ],
+    ids=["syntax", "init-raises", "init-arguments", "raises", "no-devices", "name"],
+)
+def test_broken_adapter_usage_error(tmp_path, source, message):
+    completed = run_with_module(tmp_path, source, "--adapter=trial_adapter:A")
+    assert completed.returncode == USAGE_ERROR, completed.stdout[-2000:]
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr + completed.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--dtypes="], "--dtypes: the list is empty"),
+        (["--cases=,"], "--cases: the list is empty"),
+        (["--report=/proc/normconf/x.json"], "--report"),
+        (["--report=/proc/x.json"], "--report: cannot write"),
+    ],
+    ids=["dtypes", "cases", "report-folder", "report-file"],
+)
+def test_unusable_values_usage_error(arguments, message):
+    if "/proc" in arguments[0] and not Path("/proc/self").exists():
+        pytest.skip("needs Linux's /proc")
+    completed = run_suite("--adapter=tests.faults:Float32Kernel", *arguments)
+    assert completed.returncode == USAGE_ERROR, completed.stdout[-2000:]
+    assert message in completed.stderr
+
+
+def test_undecodable_deviations_file(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_bytes(b"\xff\xfe[[deviation]]\n")
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", f"--deviations={entries}"
+    )
+    assert completed.returncode == USAGE_ERROR
+    assert "cannot read deviations file" in completed.stderr
+
+
+def test_deviation_with_unknown_case(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text(
+        '[[deviation]]\nframework = "numpy-float32"\nversions = ">=0"\n'
+        'implementations = ["kernel"]\ncases = ["no-such-case"]\n'
+        'reason = "r"\nlink = "l"\n',
+        encoding="utf-8",
+    )
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", f"--deviations={entries}"
+    )
+    assert completed.returncode == USAGE_ERROR
+    assert "unknown case 'no-such-case'" in completed.stderr
+
+
+def test_deviation_naming_no_declared_implementation_is_stale(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text(
+        '[[deviation]]\nframework = "numpy-float32"\nversions = ">=0"\n'
+        'implementations = ["no-such-implementation"]\ncases = ["M1"]\n'
+        'reason = "r"\nlink = "l"\n',
+        encoding="utf-8",
+    )
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--cases=M1",
+        f"--deviations={entries}",
+        f"--report={report}",
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    assert len(read_report(report)["stale_deviations"]) == 1
+
+
+def test_repeated_values_select_once(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--dtypes=float32,float32",
+        "--cases=M1,M1",
+        f"--report={report}",
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    results = read_report(report)["results"]
+    assert len(results) == 4  # one item, four quantities
+    assert "M1_0" not in completed.stdout
+
+
+def test_case_beyond_dtype_range_is_recorded_unsupported(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--dtypes=float32,float16",
+        "--cases=large-mean-1e6",
+        f"--report={report}",
+        "-rs",
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    records = read_report(report)["results"]
+    float16 = [r for r in records if r["dtype"] == "float16"]
+    assert float16 and {r["verdict"] for r in float16} == {"unsupported"}
+    assert "beyond float16's largest finite value" in float16[0]["message"]
+
+
+def test_replay_command_keeps_the_deviations_file(tmp_path):
+    entries = tmp_path / "empty.toml"
+    entries.write_text("", encoding="utf-8")
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--cases=large-mean-1e4",
+        f"--deviations={entries}",
+    )
+    assert completed.returncode == 1
+    replay = [
+        line for line in completed.stdout.splitlines() if "replay: python" in line
+    ]
+    assert replay
+    assert f"--deviations={entries}" in replay[0]
+    assert "--cases=large-mean-1e4" in replay[0]
+    assert "--devices=cpu" in replay[0]
+
+
+def test_no_adapter_at_all_is_usage_error(tmp_path):
+    # Shadow every framework the built-in adapters import with a module that fails
+    # to import, as on a machine where none is installed.
+    for name in ("torch", "onnxruntime", "onnx", "tensorflow", "keras", "mxnet"):
+        (tmp_path / f"{name}.py").write_text(
+            f"raise ImportError('{name} hidden by the test')\n", encoding="utf-8"
+        )
+    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
+    completed = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert completed.returncode == USAGE_ERROR, completed.stdout[-2000:]
+    assert "no adapter to run" in completed.stderr
