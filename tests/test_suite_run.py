@@ -181,7 +181,10 @@ def test_deviation_replaces_fail(tmp_path):
             ["--adapter=tests.faults:Float32Kernel", "--devices=tpu"],
             "unknown device tpu",
         ),
-        (["--deviations=/no/such/file.toml"], "cannot read deviations file"),
+        (
+            ["--adapter=tests.faults:Float32Kernel", "--deviations=/no/such/file.toml"],
+            "cannot read deviations file",
+        ),
         (["--seed=-1"], "--seed must be a non-negative integer"),
     ],
     ids=[
