@@ -37,13 +37,16 @@ from suites import dtypes
 QUANTITIES = ("output", "grad_input", "grad_gamma", "grad_beta")
 
 # Budget in units of u, per (quantity, dtype): BASE + GROWTH * sqrt(L) for a reduction
-# of length L. Recursive summation in a kernel's working precision has an error that
-# grows like sqrt(L) u for random rounding (L u at worst), and CPU float64 kernels
-# that accumulate serially show that growth: torch 2.13.0 batch_norm on the CPU
-# reached 236 u on the output at L = 2^18 over 30 seeds (benchmarks/calibrate.py).
+# of length L. A sum accumulated one element at a time in the working precision has
+# a relative rounding error whose standard deviation is about sqrt(L / 3) u when the
+# terms share a sign, which normalizes to at most 0.58 * sqrt(L) u per standard
+# deviation; GROWTH = 2.5 admits 4.3 standard deviations. Measured on the
+# long-reduction case (L = 2^18, 1284 u budget): SerialSumKernel in tests/faults.py
+# 535 u over 10 seeds, MXNet 1.9.1 and TensorFlow 2.21.0 float32 CPU kernels 584 u
+# at most over 30 seeds, torch 2.13.0 float64 batch_norm 236 u (docs/error-model.md).
 # NOTE: the float16 and bfloat16 entries have not been calibrated against a framework.
 BASE = 4.0
-GROWTH = 0.75
+GROWTH = 2.5
 BUDGET: dict[str, dict[str, tuple[float, float]]] = {
     quantity: {dtype: (BASE, GROWTH) for dtype in dtypes.DTYPES}
     for quantity in QUANTITIES

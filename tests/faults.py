@@ -116,6 +116,50 @@ class Float32Kernel(Adapter):
         return result
 
 
+def _serial_sum(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Sum over `axes` one element at a time in float32, keeping dimensions."""
+    kept = [axis for axis in range(values.ndim) if axis not in axes]
+    length = int(np.prod([values.shape[axis] for axis in axes]))
+    flat = np.transpose(values, kept + list(axes)).reshape(
+        [values.shape[axis] for axis in kept] + [length]
+    )
+    if length:
+        total = np.cumsum(flat, axis=-1, dtype=F32)[..., -1]
+    else:
+        total = np.zeros(flat.shape[:-1], F32)
+    return total.reshape(
+        [1 if axis in axes else n for axis, n in enumerate(values.shape)]
+    )
+
+
+class SerialSumKernel(Float32Kernel):
+    """A correct float32 kernel that accumulates every sum one element at a time,
+    as simple CPU loops do: its rounding error grows faster with M than that of a
+    pairwise or blocked sum, and the budget must still admit it."""
+
+    framework = "numpy-serial-sum"
+
+    def mean(self, x, axes):
+        m = int(np.prod([x.shape[a] for a in axes]))
+        return _serial_sum(x, axes) / F32(max(m, 1))
+
+    def variance(self, x, mean, axes):
+        m = int(np.prod([x.shape[a] for a in axes]))
+        centered = x - mean
+        return _serial_sum(centered * centered, axes) / F32(max(m, 1))
+
+    def grad_input(self, dy, gamma, xhat, rstd, m, axes):
+        g = gamma * dy
+        sum_g = _serial_sum(g, axes)
+        sum_g_xhat = _serial_sum(g * xhat, axes)
+        return rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_g_xhat)
+
+    def parameter_gradients(self, dy, xhat, shared):
+        grad_gamma = _serial_sum(dy * xhat, shared).reshape(-1)
+        grad_beta = _serial_sum(dy, shared).reshape(-1)
+        return grad_gamma, grad_beta
+
+
 class OnePassVariance(Float32Kernel):
     """var = E[x^2] - E[x]^2 in float32: cancels when the mean is large."""
 

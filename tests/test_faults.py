@@ -26,9 +26,10 @@ def run(adapter, case_name: str, seed: int) -> dict[str, dict]:
     }
 
 
+@pytest.mark.parametrize("kernel", [faults.Float32Kernel, faults.SerialSumKernel])
 @pytest.mark.parametrize("case", [case.name for case in cases.CATALOGUE])
-def test_correct_kernel_passes(case):
-    adapter = faults.Float32Kernel()
+def test_correct_kernel_passes(case, kernel):
+    adapter = kernel()
     for seed in SEEDS:
         for record in run(adapter, case, seed).values():
             assert record.verdict == "pass", f"seed {seed}: {record.message}"
