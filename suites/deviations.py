@@ -42,6 +42,9 @@ class Deviation:
     dtypes: tuple[str, ...] | None = None
     quantities: tuple[str, ...] | None = None
     verdicts: tuple[str, ...] = ("fail",)
+    # The difference shows in some seeds only, so a run that matches nothing does
+    # not make the entry stale.
+    intermittent: bool = False
     index: int = field(default=0, compare=False)
 
     def covers(self, record: dict, version: str) -> bool:
@@ -85,7 +88,7 @@ def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
     where = f"{path}: deviation #{index}"
     if not isinstance(entry, dict):
         raise DeviationsError(f"{where} is not a table; use [[deviation]] tables")
-    unknown = set(entry) - set(REQUIRED) - set(OPTIONAL)
+    unknown = set(entry) - set(REQUIRED) - set(OPTIONAL) - {"intermittent"}
     if unknown:
         raise DeviationsError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     absent = [key for key in REQUIRED if key not in entry]
@@ -118,7 +121,12 @@ def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
                 f"use {' or '.join(REPLACEABLE)}"
             )
 
+    intermittent = entry.get("intermittent", False)
+    if not isinstance(intermittent, bool):
+        raise DeviationsError(f"{where}: intermittent must be true or false")
+
     return Deviation(
+        intermittent=intermittent,
         framework=entry["framework"],
         versions=versions,
         implementations=_strings(entry, "implementations", where),

@@ -65,7 +65,7 @@ class State:
             covered = [r for r in self.records if entry.covers(r, version)]
             ran = [r for r in covered if r["verdict"] != "unsupported"]
             used = [r for r in covered if r.get("deviation") == entry.index]
-            if ran and not used:
+            if ran and not used and not entry.intermittent:
                 stale.append(entry)
         return stale
 

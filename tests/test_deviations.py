@@ -119,6 +119,8 @@ def test_conforming_record_untouched(tmp_path):
         ("[deviations]\n", "unknown tables deviations"),
         ("[[deviation]\n", "invalid TOML"),
         ("deviation = [1]\n", "deviation #1 is not a table"),
+        (ENTRY + "intermittent = 'yes'\n", "intermittent must be true or false"),
+        (ENTRY.replace('["eps0"]', '["eps-zero"]'), "unknown case 'eps-zero'"),
     ],
     ids=[
         "missing",
@@ -133,6 +135,8 @@ def test_conforming_record_untouched(tmp_path):
         "table-name",
         "toml",
         "entry-not-table",
+        "intermittent",
+        "case",
     ],
 )
 def test_malformed_file_rejected(tmp_path, text, message):

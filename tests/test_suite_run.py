@@ -419,3 +419,28 @@ def test_no_adapter_at_all_is_usage_error(tmp_path):
     )
     assert completed.returncode == USAGE_ERROR, completed.stdout[-2000:]
     assert "no adapter to run" in completed.stderr
+
+
+def test_intermittent_entry_is_not_stale(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text(
+        "[[deviation]]\n"
+        'framework = "fault-one-pass-variance"\n'
+        'versions = ">=1"\n'
+        'implementations = ["kernel"]\n'
+        'cases = ["random-2d"]\n'
+        "intermittent = true\n"
+        'reason = "shows in some seeds only"\n'
+        'link = "tests/test_suite_run.py"\n',
+        encoding="utf-8",
+    )
+    report = tmp_path / "fault.json"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=random-2d",
+        f"--deviations={entries}",
+        f"--report={report}",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert read_report(report)["stale_deviations"] == []
