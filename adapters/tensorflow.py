@@ -1,0 +1,359 @@
+"""TensorFlow adapter: three ways to compute InstanceNorm, gradients through
+tf.GradientTape.
+
+Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. Everything
+runs eagerly (no tf.function), pinned to the requested device with tf.device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# Keras 3 reads KERAS_BACKEND once, when it is first imported.
+KERAS_BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if KERAS_BACKEND != "tensorflow":
+    raise ImportError(
+        f"the TensorFlow adapter needs Keras on its TensorFlow backend, but "
+        f"KERAS_BACKEND is {KERAS_BACKEND!r}; unset it or set it to 'tensorflow'"
+    )
+# Level 2 hides TensorFlow's INFO and WARNING lines printed at import and on first
+# use of a device. A value the user set is kept.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from adapters.contract import (  # noqa: E402
+    CONTRACT_VERSION,
+    Adapter,
+    Device,
+    Implementation,
+    Rejected,
+    Request,
+    Result,
+)
+
+if keras.backend.backend() != "tensorflow":
+    # Keras was imported before this module with another KERAS_BACKEND.
+    raise ImportError(
+        f"the TensorFlow adapter needs Keras on its TensorFlow backend, but Keras "
+        f"{keras.__version__} was already loaded with the "
+        f"{keras.backend.backend()!r} backend"
+    )
+
+TF_DTYPES = {
+    "float64": tf.float64,
+    "float32": tf.float32,
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+}
+
+CHANNELS_FIRST = "channels_first"
+CHANNELS_LAST = "channels_last"
+BOTH_LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST)
+
+
+@dataclass
+class Computed:
+    """An implementation's output and the gamma and beta it was computed from.
+
+    gamma and beta are the tensors or variables to differentiate against, or None
+    when affine is off. `eps` is the eps the op stores when its interface rounds
+    the requested one (see Result.eps), else None.
+    """
+
+    output: tf.Tensor
+    gamma: tf.Tensor | tf.Variable | None
+    beta: tf.Tensor | tf.Variable | None
+    eps: float | None = None
+
+
+Forward = Callable[
+    [tf.Tensor, "tf.Tensor | None", "tf.Tensor | None", float, str], Computed
+]
+
+
+def _to_channels_last(x: tf.Tensor) -> tf.Tensor:
+    """Transpose (N, C, *spatial) to (N, *spatial, C)."""
+    return tf.transpose(x, [0, *range(2, x.shape.rank), 1])
+
+
+def _to_channels_first(x: tf.Tensor) -> tf.Tensor:
+    """Transpose (N, *spatial, C) to (N, C, *spatial)."""
+    rank = x.shape.rank
+    return tf.transpose(x, [0, rank - 1, *range(1, rank - 1)])
+
+
+def _keras_group_norm(x, gamma, beta, eps, layout):
+    channels_first = layout == CHANNELS_FIRST
+    if channels_first:
+        x = _to_channels_last(x)
+    # The layer's dtype policy is the tested dtype. Under the default float32 policy
+    # Keras 3.15.1 returns float32 for float64 input (call() casts its result to the
+    # compute dtype).
+    layer = keras.layers.GroupNormalization(
+        groups=x.shape[-1],
+        axis=-1,
+        epsilon=eps,
+        center=beta is not None,
+        scale=gamma is not None,
+        dtype=x.dtype.name,
+    )
+    layer.build(x.shape)
+    if gamma is not None:
+        layer.gamma.assign(gamma)
+    if beta is not None:
+        layer.beta.assign(beta)
+    output = layer(x)
+    if channels_first:
+        output = _to_channels_first(output)
+    return Computed(output, layer.gamma, layer.beta)
+
+
+def _parameter_shape(rank: int, channels: int, layout: str) -> list[int]:
+    """Return the shape that broadcasts a (C,) parameter against x in `layout`."""
+    shape = [1] * rank
+    shape[1 if layout == CHANNELS_FIRST else rank - 1] = channels
+    return shape
+
+
+def _moments(x, gamma, beta, eps, layout):
+    rank = x.shape.rank
+    if layout == CHANNELS_FIRST:
+        channels, axes = x.shape[1], list(range(2, rank))
+    else:
+        channels, axes = x.shape[-1], list(range(1, rank - 1))
+    shape = _parameter_shape(rank, channels, layout)
+    mean, variance = tf.nn.moments(x, axes=axes, keepdims=True)
+    output = tf.nn.batch_normalization(
+        x,
+        mean,
+        variance,
+        offset=tf.reshape(beta, shape) if beta is not None else None,
+        scale=tf.reshape(gamma, shape) if gamma is not None else None,
+        variance_epsilon=eps,
+    )
+    return Computed(output, gamma, beta)
+
+
+if hasattr(tf.nn, "fused_batch_norm"):
+    FUSED_BATCH_NORM = tf.nn.fused_batch_norm
+    FUSED_BATCH_NORM_NAME = "tf.nn.fused_batch_norm"
+else:
+    # TensorFlow 2.21 exports it under tf.compat.v1 only.
+    FUSED_BATCH_NORM = tf.compat.v1.nn.fused_batch_norm
+    FUSED_BATCH_NORM_NAME = "tf.compat.v1.nn.fused_batch_norm"
+
+
+def _fused_batch_norm_reshape(x, gamma, beta, eps, layout):
+    """Batch-normalize the (1, N*C, ...) fold of x in training mode.
+
+    FusedBatchNormV3 takes 4-D and 5-D input only. Rank-3 input gets a trailing
+    spatial axis of size 1, which keeps every (n, c) slice's elements, so the
+    statistics are those of the original slice.
+    """
+    rank = x.shape.rank
+    channels_first = layout == CHANNELS_FIRST
+    if channels_first:
+        batch, channels = x.shape[0], x.shape[1]
+        spatial = list(x.shape[2:])
+        folded_spatial = spatial + [1] if rank == 3 else spatial
+        folded = tf.reshape(x, [1, batch * channels, *folded_spatial])
+        data_format = "NCHW" if len(folded_spatial) == 2 else "NCDHW"
+    else:
+        batch, channels = x.shape[0], x.shape[-1]
+        spatial = list(x.shape[1:-1])
+        folded_spatial = spatial + [1] if rank == 3 else spatial
+        # Move the batch axis next to the channel axis, (N, *spatial, C) to
+        # (*spatial, N, C), so that one reshape gives channel index n * C + c.
+        moved = tf.transpose(x, [*range(1, rank - 1), 0, rank - 1])
+        folded = tf.reshape(moved, [1, *folded_spatial, batch * channels])
+        data_format = "NHWC" if len(folded_spatial) == 2 else "NDHWC"
+
+    # FusedBatchNormV3 takes scale and offset in float32 when x is float16 or
+    # bfloat16 (its attribute U), and it requires both even when affine is off.
+    parameter_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
+    scale = (
+        tf.cast(gamma, parameter_dtype)
+        if gamma is not None
+        else tf.ones([channels], parameter_dtype)
+    )
+    offset = (
+        tf.cast(beta, parameter_dtype)
+        if beta is not None
+        else tf.zeros([channels], parameter_dtype)
+    )
+    folded_output, _, _ = FUSED_BATCH_NORM(
+        folded,
+        tf.tile(scale, [batch]),
+        tf.tile(offset, [batch]),
+        epsilon=eps,
+        data_format=data_format,
+        is_training=True,
+    )
+
+    if channels_first:
+        output = tf.reshape(folded_output, x.shape)
+    else:
+        unfolded = tf.reshape(folded_output, [*spatial, batch, channels])
+        output = tf.transpose(unfolded, [rank - 2, *range(rank - 2), rank - 1])
+    # FusedBatchNormV3 declares epsilon as a float attribute, which is float32.
+    return Computed(output, gamma, beta, eps=float(np.float32(eps)))
+
+
+IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
+    "keras-group-norm": (
+        Implementation(
+            "keras-group-norm",
+            "keras.layers.GroupNormalization(groups=C, axis=-1) with a dtype policy "
+            "of the tested dtype (the layer computes float16 and bfloat16 input in "
+            "float32 and rounds the output); channels-first input is transposed to "
+            "(N, ..., C) by the adapter and the output transposed back",
+            layouts=BOTH_LAYOUTS,
+        ),
+        _keras_group_norm,
+    ),
+    "moments": (
+        Implementation(
+            "moments",
+            "tf.nn.moments over the spatial axes (keepdims) followed by "
+            "tf.nn.batch_normalization",
+            layouts=BOTH_LAYOUTS,
+        ),
+        _moments,
+    ),
+    "fused-batch-norm-reshape": (
+        Implementation(
+            "fused-batch-norm-reshape",
+            f"{FUSED_BATCH_NORM_NAME} in training mode on the (1, N*C, ...) "
+            "reshape with gamma and beta tiled N times (data_format NCHW or NCDHW; "
+            "channels-last input is transposed to (..., N, C) by the adapter and "
+            "runs as NHWC or NDHWC; rank-3 input gets a trailing spatial axis of 1)",
+            layouts=BOTH_LAYOUTS,
+        ),
+        _fused_batch_norm_reshape,
+    ),
+}
+
+FUSED_FLOAT64_REASON = (
+    "FusedBatchNormV3 accepts x in float16, bfloat16 and float32 only: float64 "
+    f"raises InvalidArgumentError in TensorFlow {tf.__version__} (its type "
+    "attributes T and U do not allow double)"
+)
+
+
+def _tf_device(name: str) -> str:
+    """Map a normconf device name ("cpu", "gpu", "gpu:1") to a TensorFlow one."""
+    kind, _, index = name.partition(":")
+    return f"/{kind.upper()}:{index or 0}"
+
+
+def _to_numpy(tensor: tf.Tensor | tf.Variable | None) -> np.ndarray | None:
+    if tensor is None:
+        return None
+    if tensor.dtype == tf.bfloat16:
+        # NumPy has no bfloat16, but float32 represents every bfloat16 value exactly.
+        tensor = tf.cast(tensor, tf.float32)
+    return np.array(tensor.numpy())
+
+
+class TensorFlowAdapter(Adapter):
+    contract_version = CONTRACT_VERSION
+    framework = "tensorflow"
+
+    def version(self) -> str:
+        return tf.__version__
+
+    def implementations(self) -> Sequence[Implementation]:
+        return [implementation for implementation, _ in IMPLEMENTATIONS.values()]
+
+    def devices(self) -> Sequence[Device]:
+        # NOTE: the GPU path has never run: normconf's TensorFlow adapter was
+        # measured with tensorflow-cpu only.
+        devices = [Device("cpu")]
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            reason = (
+                f"tensorflow {tf.__version__} sees no GPU "
+                f"(tf.config.list_physical_devices('GPU') returned [], built with "
+                f"CUDA: {tf.test.is_built_with_cuda()})"
+            )
+            devices.append(Device("gpu", available=False, reason=reason))
+            return devices
+        for index in range(len(gpus)):
+            devices.append(Device("gpu" if index == 0 else f"gpu:{index}"))
+        return devices
+
+    def unsupported_reason(
+        self, implementation: str, device: str, dtype: str
+    ) -> str | None:
+        if implementation == "fused-batch-norm-reshape" and dtype == "float64":
+            return FUSED_FLOAT64_REASON
+        return None
+
+    def run(self, request: Request) -> Result:
+        _, forward = IMPLEMENTATIONS[request.implementation]
+        dtype = TF_DTYPES[request.dtype]
+        want = request.gradients
+
+        # Without soft placement, an op with no kernel on the requested device
+        # raises instead of silently running on the CPU.
+        soft_placement = tf.config.get_soft_device_placement()
+        tf.config.set_soft_device_placement(False)
+        try:
+            with tf.device(_tf_device(request.device)):
+                computed, gradients = self._compute(forward, request, dtype, want)
+        except (tf.errors.OpError, ValueError) as error:
+            # TensorFlow's runtime errors are OpError subclasses, and Keras raises
+            # ValueError for input it does not accept. Anything else is an adapter bug.
+            raise Rejected(f"{type(error).__name__}: {error}") from error
+        finally:
+            tf.config.set_soft_device_placement(soft_placement)
+
+        output = computed.output
+        grad_input, grad_gamma, grad_beta = gradients
+        return Result(
+            output=_to_numpy(output),
+            grad_input=_to_numpy(grad_input),
+            grad_gamma=_to_numpy(grad_gamma),
+            grad_beta=_to_numpy(grad_beta),
+            dtype=output.dtype.name,
+            eps=computed.eps,
+        )
+
+    @staticmethod
+    def _compute(forward: Forward, request: Request, dtype: tf.DType, want: bool):
+        """Run `forward` under a gradient tape and return its result with the
+        gradients of x, gamma and beta (all None when request.gradients is False)."""
+
+        def tensor(array: np.ndarray | None) -> tf.Tensor | None:
+            if array is None:
+                return None
+            # bfloat16 values arrive in float32 arrays, so the cast is exact.
+            return tf.cast(tf.constant(np.asarray(array)), dtype)
+
+        x = tensor(request.x)
+        gamma = tensor(request.gamma)
+        beta = tensor(request.beta)
+        with tf.GradientTape() as tape:
+            for watched in (x, gamma, beta):
+                if watched is not None:
+                    tape.watch(watched)
+            computed = forward(x, gamma, beta, request.eps, request.layout)
+        if not want:
+            return computed, (None, None, None)
+
+        sources = {"x": x, "gamma": computed.gamma, "beta": computed.beta}
+        present = {
+            name: source for name, source in sources.items() if source is not None
+        }
+        grads = tape.gradient(
+            computed.output,
+            list(present.values()),
+            output_gradients=tensor(request.grad_output),
+        )
+        by_name = dict(zip(present, grads, strict=True))
+        return computed, (by_name.get("x"), by_name.get("gamma"), by_name.get("beta"))
