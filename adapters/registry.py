@@ -13,8 +13,10 @@ ENTRY_POINT_GROUP = "normconf.adapters"
 # Built-in adapters by framework name. Each module imports its framework at import
 # time, so a framework that is not installed shows up as an ImportError here.
 BUILTIN = {
+    "mxnet": "adapters.mxnet:MXNetAdapter",
     "onnxruntime": "adapters.onnxruntime:OnnxRuntimeAdapter",
     "onnxruntime-training": "adapters.onnxruntime:OnnxRuntimeTrainingAdapter",
+    "tensorflow": "adapters.tensorflow:TensorFlowAdapter",
     "torch": "adapters.pytorch:TorchAdapter",
 }
 
