@@ -56,7 +56,7 @@ ONNX_TYPES = {
     "bfloat16": TensorProto.BFLOAT16,
 }
 
-# How ONNX operator schemas spell each dtype in their type constraints.
+# The spelling of each dtype in ONNX operator schemas' type constraints.
 SCHEMA_TYPE_NAMES = {
     "float32": "tensor(float)",
     "float64": "tensor(double)",

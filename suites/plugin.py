@@ -241,7 +241,7 @@ def _check_report_path(config: pytest.Config) -> None:
     if target.is_dir() or not os.access(target.parent, os.W_OK):
         raise pytest.UsageError(f"--report: {path} is not a writable file path")
     # Open it now, so that a path the checks above miss (/proc/x.json) fails before
-    # the run rather than after it; a file created here only for the test goes.
+    # the run rather than after it. A file created only by this check is removed.
     existed = target.exists()
     try:
         with open(target, "a", encoding="utf-8"):

@@ -94,8 +94,8 @@ def expected_scales(
     )
 
 
-# The formats in which a framework's interface may store eps (an ONNX attribute is
-# float32); a Result may declare eps rounded to one of them, and nothing else.
+# The formats in which a framework's interface may store eps, as ONNX stores its
+# attributes in float32. A Result may declare eps rounded to one of them only.
 EPS_FORMATS = ("float32", "float16", "bfloat16")
 
 
