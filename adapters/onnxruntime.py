@@ -115,6 +115,7 @@ DATA_MOVEMENT_OPS = frozenset(
 SESSION_LOG_SEVERITY = 3  # 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 PROBE_LOG_SEVERITY = 4
 LOG_WARNING = 2
+LOGGED_MESSAGE_LIMIT = 240
 DEFAULT_LOG_SEVERITY = 2  # onnxruntime's own default for its default logger
 ASSIGNMENT_CONFIG_KEY = "session.record_ep_graph_assignment_info"
 
@@ -457,6 +458,16 @@ def requested_providers() -> list[str]:
     value = os.environ.get(PROVIDERS_VARIABLE, "")
     if value.strip():
         providers = [part.strip() for part in value.split(",") if part.strip()]
+        known = onnxruntime.get_all_providers()
+        unknown = [provider for provider in providers if provider not in known]
+        if unknown:
+            # A misspelt name would otherwise become one more unavailable device,
+            # and a run could pass without testing the provider it was meant for.
+            raise ValueError(
+                f"{PROVIDERS_VARIABLE} names {', '.join(unknown)}, which onnxruntime "
+                f"{onnxruntime.__version__} does not know; execution provider names: "
+                f"{', '.join(known)}"
+            )
     else:
         providers = [
             provider
@@ -518,6 +529,8 @@ def _logged_errors(text: str) -> str:
         line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
         if "[E:onnxruntime" in line or "[W:onnxruntime" in line:
             message = line.split("] ", 1)[-1]
+            if len(message) > LOGGED_MESSAGE_LIMIT:
+                message = message[: LOGGED_MESSAGE_LIMIT - 3] + "..."
             if message not in messages:
                 messages.append(message)
     return " | ".join(messages)
@@ -627,6 +640,15 @@ class OnnxRuntimeAdapter(Adapter):
     framework = "onnxruntime"
 
     def __init__(self) -> None:
+        if type(self) is OnnxRuntimeAdapter and hasattr(
+            ort_state, "GradientGraphBuilder"
+        ):
+            # Both packages install the `onnxruntime` module; the training one is a
+            # different release with its own deviations, so it runs under its name.
+            raise ImportError(
+                f"the installed onnxruntime {onnxruntime.__version__} is the "
+                "onnxruntime-training package: run --framework onnxruntime-training"
+            )
         self._newest_ir = newest_loadable_ir_version()
         self._newest_opset = newest_loadable_opset(self._newest_ir)
         self._specs = build_specs(self._newest_opset, self._gradient_reason())

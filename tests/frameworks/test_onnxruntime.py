@@ -38,22 +38,33 @@ def request(implementation: str, case_name: str, dtype: str = "float32") -> Requ
 
 @pytest.fixture(scope="module")
 def adapter():
-    return adapter_module.OnnxRuntimeAdapter()
+    # In the onnxruntime-training environment the training adapter is the one that
+    # runs; it builds the same models.
+    try:
+        return adapter_module.OnnxRuntimeAdapter()
+    except ImportError:
+        return adapter_module.OnnxRuntimeTrainingAdapter()
 
 
-def test_unknown_provider_name_is_an_unavailable_device(monkeypatch):
-    monkeypatch.setenv(adapter_module.PROVIDERS_VARIABLE, "NoSuchExecutionProvider")
-    devices = {d.name: d for d in adapter_module.OnnxRuntimeAdapter().devices()}
-    assert devices["cpu"].available
-    absent = devices["nosuch"]
-    assert not absent.available
-    assert "NoSuchExecutionProvider" in absent.reason
-    assert "not an onnxruntime execution provider name" in absent.reason
+@pytest.mark.parametrize("value", ["NoSuchExecutionProvider", "CPU"])
+def test_unknown_provider_name_raises(monkeypatch, adapter, value):
+    monkeypatch.setenv(adapter_module.PROVIDERS_VARIABLE, value)
+    with pytest.raises(ValueError, match=f"names {value}, which onnxruntime"):
+        type(adapter)()
 
 
-def test_cuda_is_always_declared(monkeypatch):
+def test_plain_adapter_refuses_the_training_package():
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    if not hasattr(state, "GradientGraphBuilder"):
+        pytest.skip("the plain onnxruntime package is installed")
+    with pytest.raises(ImportError, match="--framework onnxruntime-training"):
+        adapter_module.OnnxRuntimeAdapter()
+
+
+def test_cuda_is_always_declared(monkeypatch, adapter):
     monkeypatch.delenv(adapter_module.PROVIDERS_VARIABLE, raising=False)
-    devices = {d.name: d for d in adapter_module.OnnxRuntimeAdapter().devices()}
+    devices = {d.name: d for d in type(adapter)().devices()}
     assert "cuda" in devices
     if not devices["cuda"].available:
         assert ort.__version__ in devices["cuda"].reason
