@@ -95,7 +95,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--devices",
         default=None,
         metavar="LIST",
-        help="comma-separated devices to run, by name or kind (cpu, cuda, cuda:1). "
+        help="comma-separated devices to run, by name or kind (cpu, cuda, cuda:1, "
+        "gpu:1); gpu selects every GPU, whether an adapter calls it cuda or gpu. "
         "Default: every device the adapters declare.",
     )
     group.addoption(
@@ -252,19 +253,36 @@ def _check_report_path(config: pytest.Config) -> None:
         target.unlink()
 
 
+# Device kinds that are GPUs: torch and ONNX Runtime name them "cuda", MXNet and
+# TensorFlow "gpu". `--devices gpu` selects all of them.
+GPU_KINDS = ("cuda", "gpu")
+
+
+def _device_names(name: str) -> set[str]:
+    """Return every --devices value that selects the device `name`."""
+    kind = name.split(":")[0]
+    names = {name, kind}
+    if kind in GPU_KINDS:
+        names.add("gpu")
+    return names
+
+
 def _device_selected(device: Device, wanted: list[str]) -> bool:
     if not wanted:
         return True
-    kind = device.name.split(":")[0]
-    return device.name in wanted or kind in wanted
+    return bool(_device_names(device.name) & set(wanted))
 
 
 def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
     wanted = _split(config.getoption("devices"))
     if not wanted or not adapters:
         return
-    known = {d.name for adapter in adapters for d in adapter.devices()}
-    known |= {name.split(":")[0] for name in known}
+    known = {
+        name
+        for adapter in adapters
+        for device in adapter.devices()
+        for name in _device_names(device.name)
+    }
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise pytest.UsageError(

@@ -444,3 +444,33 @@ def test_intermittent_entry_is_not_stale(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout[-3000:]
     assert read_report(report)["stale_deviations"] == []
+
+
+def test_gpu_selects_cuda_devices(tmp_path):
+    (tmp_path / "trial_adapter.py").write_text(
+        "from adapters.contract import Device\n"
+        "from tests.faults import Float32Kernel\n"
+        "class A(Float32Kernel):\n"
+        "    def devices(self):\n"
+        "        return [Device('cpu'), Device('cuda', False, 'no GPU here')]\n",
+        encoding="utf-8",
+    )
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
+    completed = subprocess.run(
+        [
+            *command,
+            "--adapter=trial_adapter:A",
+            "--devices=gpu",
+            "--cases=M1",
+            f"--report={report}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    devices = {record["device"] for record in read_report(report)["results"]}
+    assert devices == {"cuda"}
