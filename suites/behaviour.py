@@ -22,8 +22,11 @@ REASON_LIMIT = 400
 
 
 def _short(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    text = text.split(REJECTION_NOTE)[0].replace("|", "/").replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = text.split(REJECTION_NOTE)[0].replace("\n", " ")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    # A pipe would end the Markdown table cell.
+    return text.replace("|", "\\|")
 
 
 def outcome(records: list[dict]) -> str:
@@ -145,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if document.get("schema") != "normconf-report":
         print(f"{args.report} is not a normconf report", file=sys.stderr)
+        return 2
+    devices = sorted({record["device"] for record in document["results"]})
+    if args.device not in devices:
+        print(
+            f"{args.report} has no records for device {args.device!r}; "
+            f"its devices: {', '.join(devices) or 'none'}",
+            file=sys.stderr,
+        )
         return 2
     print("\n".join(tables(document, args.device)))
     return 0
