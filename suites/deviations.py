@@ -1,15 +1,26 @@
 """Known deviations: documented differences that get the verdict `deviation`.
 
-A deviation entry names exact coordinates (framework, implementations, cases, and
-optionally devices, dtypes and quantities), the framework versions it applies to, the
-verdicts it replaces, the reason and a link to the evidence. A matching non-conforming
-record becomes `deviation` and keeps its measured error and message. An entry that
-matched nothing in a run that covered its coordinates is reported as stale.
+An entry in the TOML data file selects records by framework and version range, and by
+test id patterns (`items`), by exact coordinates (`implementations` and `cases`), or
+by both, narrowed by optional devices, dtypes and quantities. It states the verdicts
+it expects, the reason, a link to the evidence and the date it was recorded, and it
+may bound what it covers with a message pattern and a largest error. A matching
+non-conforming record becomes `deviation` and keeps its measured error and message;
+a record outside those bounds keeps its own verdict, so an entry never hides a failure
+other than the one it records.
+
+After a run, an entry whose records ran but matched none is stale, and one that
+selected no record at all is reported as unexercised.
 """
 
 from __future__ import annotations
 
+import datetime
+import fnmatch
+import json
+import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,47 +33,107 @@ from suites.error_model import QUANTITIES
 
 DEFAULT_PATH = Path(__file__).with_name("deviations.toml")
 REPLACEABLE = ("fail", "rejected")
-REQUIRED = ("framework", "versions", "implementations", "cases", "reason", "link")
-OPTIONAL = ("devices", "dtypes", "quantities", "verdicts")
+REQUIRED = ("framework", "versions", "reason", "link", "date")
+STRING_LISTS = ("items", "implementations", "cases", "devices", "dtypes", "quantities")
+OPTIONAL = (*STRING_LISTS, "verdicts", "message", "max_error", "intermittent")
+FILE_HEADER = """\
+# Known differences between a framework and the exact answer, each with evidence.
+# A matching `fail` (or, where `verdicts` says so, `rejected`) record becomes
+# `deviation`: the item passes and the report keeps the measured error. Keys:
+#   framework, versions (PEP 440 specifiers), reason, link, date: required
+#   items: test id patterns (fnmatch: * and ?), each matched against the whole id
+#     framework-implementation-device-dtype-case
+#   implementations, cases: exact names; give items, or both of these, or all three
+#   devices, dtypes, quantities: optional, exact; omitted means every one
+#   verdicts: optional, the verdicts expected and replaced ("fail", "rejected");
+#     default ["fail"]
+#   message: optional regular expression that the measured message must contain
+#   max_error: optional, the largest normalized error (u) the entry covers
+#   intermittent: optional, true when the difference shows in some seeds only; such
+#     an entry is not reported stale by a run that it does not match
+"""
 
 
 class DeviationsError(Exception):
     """The deviations file is missing or malformed."""
 
 
+def item_id(record: dict) -> str:
+    """Return the test id of a record's item: framework-implementation-device-..."""
+    return "-".join(
+        record[key]
+        for key in ("framework", "implementation", "device", "dtype", "case")
+    )
+
+
 @dataclass(frozen=True)
 class Deviation:
     framework: str
     versions: SpecifierSet
-    implementations: tuple[str, ...]
-    cases: tuple[str, ...]
     reason: str
     link: str
+    date: datetime.date
+    items: tuple[str, ...] | None = None
+    implementations: tuple[str, ...] | None = None
+    cases: tuple[str, ...] | None = None
     devices: tuple[str, ...] | None = None
     dtypes: tuple[str, ...] | None = None
     quantities: tuple[str, ...] | None = None
     verdicts: tuple[str, ...] = ("fail",)
+    message: str | None = None
+    max_error: float | None = None
     # The difference shows in some seeds only, so a run that matches nothing does
     # not make the entry stale.
     intermittent: bool = False
     index: int = field(default=0, compare=False)
 
     def covers(self, record: dict, version: str) -> bool:
-        """Return True if the record lies within this entry's coordinates."""
+        """Return True if the record lies within this entry's selection."""
+
+        def allowed(values: tuple[str, ...] | None, value: str) -> bool:
+            return values is None or value in values
+
         return (
             record["framework"] == self.framework
             and version_matches(version, self.versions)
-            and record["implementation"] in self.implementations
-            and record["case"] in self.cases
-            and (self.devices is None or record["device"] in self.devices)
-            and (self.dtypes is None or record["dtype"] in self.dtypes)
-            and (self.quantities is None or record["quantity"] in self.quantities)
+            and allowed(self.implementations, record["implementation"])
+            and allowed(self.cases, record["case"])
+            and allowed(self.devices, record["device"])
+            and allowed(self.dtypes, record["dtype"])
+            and allowed(self.quantities, record["quantity"])
+            and (
+                self.items is None
+                or any(
+                    fnmatch.fnmatchcase(item_id(record), pattern)
+                    for pattern in self.items
+                )
+            )
         )
 
+    def explains(self, record: dict) -> bool:
+        """Return True if a covered non-conforming record is the difference this
+        entry records: an expected verdict, the message pattern, the error bound."""
+        if record["conforming"] or record["verdict"] not in self.verdicts:
+            return False
+        if self.message is not None and not re.search(self.message, record["message"]):
+            return False
+        if self.max_error is not None:
+            error = record.get("error")
+            if not isinstance(error, (int, float)) or not error <= self.max_error:
+                return False
+        return True
+
     def describe(self) -> str:
+        selection = []
+        if self.items:
+            selection.append(", ".join(self.items))
+        if self.implementations:
+            selection.append(", ".join(self.implementations))
+        if self.cases:
+            selection.append(", ".join(self.cases))
         return (
             f"deviation #{self.index} ({self.framework} {self.versions}, "
-            f"{', '.join(self.implementations)}, {', '.join(self.cases)})"
+            f"{'; '.join(selection)})"
         )
 
 
@@ -84,11 +155,33 @@ def _strings(entry: dict, key: str, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _date(value: object, where: str) -> datetime.date:
+    if isinstance(value, datetime.datetime):
+        return value.date()
+    if isinstance(value, datetime.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise DeviationsError(
+        f"{where}: date must be a date such as 2026-12-04, not {value!r}"
+    )
+
+
+def _check_names(where: str, kind: str, names: Iterable[str], known: Iterable[str]):
+    known = set(known)
+    for name in names:
+        if name not in known:
+            raise DeviationsError(f"{where}: unknown {kind} {name!r}")
+
+
 def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
     where = f"{path}: deviation #{index}"
     if not isinstance(entry, dict):
         raise DeviationsError(f"{where} is not a table; use [[deviation]] tables")
-    unknown = set(entry) - set(REQUIRED) - set(OPTIONAL) - {"intermittent"}
+    unknown = set(entry) - set(REQUIRED) - set(OPTIONAL)
     if unknown:
         raise DeviationsError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     absent = [key for key in REQUIRED if key not in entry]
@@ -102,41 +195,69 @@ def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
     except InvalidSpecifier as error:
         raise DeviationsError(f"{where}: invalid versions: {error}") from error
 
-    known_cases = {case.name for case in CATALOGUE}
-    for name in _strings(entry, "cases", where):
-        if name not in known_cases:
-            raise DeviationsError(f"{where}: unknown case {name!r}")
+    lists = {key: _strings(entry, key, where) for key in STRING_LISTS if key in entry}
+    has_coordinates = "implementations" in lists and "cases" in lists
+    if "items" not in lists and not has_coordinates:
+        raise DeviationsError(
+            f"{where}: select records with items, or with implementations and cases"
+        )
+    for pattern in lists.get("items", ()):
+        if not pattern.startswith(entry["framework"] + "-"):
+            raise DeviationsError(
+                f"{where}: item pattern {pattern!r} does not start with the "
+                f"framework {entry['framework']!r} and a '-'"
+            )
+    _check_names(where, "case", lists.get("cases", ()), (c.name for c in CATALOGUE))
+    _check_names(where, "dtype", lists.get("dtypes", ()), dtypes.DTYPES)
+    _check_names(where, "quantity", lists.get("quantities", ()), QUANTITIES)
 
-    optional = {key: _strings(entry, key, where) for key in OPTIONAL if key in entry}
-    for name in optional.get("dtypes", ()):
-        if name not in dtypes.DTYPES:
-            raise DeviationsError(f"{where}: unknown dtype {name!r}")
-    for name in optional.get("quantities", ()):
-        if name not in QUANTITIES:
-            raise DeviationsError(f"{where}: unknown quantity {name!r}")
-    for name in optional.get("verdicts", ()):
+    verdicts = _strings(entry, "verdicts", where) if "verdicts" in entry else ("fail",)
+    for name in verdicts:
         if name not in REPLACEABLE:
             raise DeviationsError(
                 f"{where}: verdict {name!r} cannot be replaced; "
                 f"use {' or '.join(REPLACEABLE)}"
             )
 
+    message = entry.get("message")
+    if message is not None:
+        if not isinstance(message, str) or not message:
+            raise DeviationsError(f"{where}: message must be a non-empty string")
+        try:
+            re.compile(message)
+        except re.error as error:
+            raise DeviationsError(
+                f"{where}: invalid message pattern: {error}"
+            ) from error
+
+    max_error = entry.get("max_error")
+    if max_error is not None and (
+        isinstance(max_error, bool)
+        or not isinstance(max_error, (int, float))
+        or not max_error > 0
+    ):
+        raise DeviationsError(f"{where}: max_error must be a positive number")
+
     intermittent = entry.get("intermittent", False)
     if not isinstance(intermittent, bool):
         raise DeviationsError(f"{where}: intermittent must be true or false")
 
     return Deviation(
-        intermittent=intermittent,
         framework=entry["framework"],
         versions=versions,
-        implementations=_strings(entry, "implementations", where),
-        cases=_strings(entry, "cases", where),
         reason=entry["reason"].strip(),
         link=entry["link"].strip(),
-        devices=optional.get("devices"),
-        dtypes=optional.get("dtypes"),
-        quantities=optional.get("quantities"),
-        verdicts=optional.get("verdicts", ("fail",)),
+        date=_date(entry["date"], where),
+        items=lists.get("items"),
+        implementations=lists.get("implementations"),
+        cases=lists.get("cases"),
+        devices=lists.get("devices"),
+        dtypes=lists.get("dtypes"),
+        quantities=lists.get("quantities"),
+        verdicts=verdicts,
+        message=message,
+        max_error=None if max_error is None else float(max_error),
+        intermittent=intermittent,
         index=index,
     )
 
@@ -161,16 +282,16 @@ def load(path: Path) -> list[Deviation]:
 def apply(
     records: list[dict], deviations: list[Deviation], version: str
 ) -> list[Deviation]:
-    """Turn matching non-conforming records into deviations, in place.
+    """Turn non-conforming records that an entry explains into deviations, in place.
 
     Returns the entries that matched at least one record.
     """
     used = []
     for deviation in deviations:
         for record in records:
-            if record["conforming"] or record["verdict"] not in deviation.verdicts:
-                continue
             if not deviation.covers(record, version):
+                continue
+            if not deviation.explains(record):
                 continue
             record["verdict"] = "deviation"
             record["conforming"] = True
@@ -182,3 +303,125 @@ def apply(
             if deviation not in used:
                 used.append(deviation)
     return used
+
+
+# ---------------------------------------------------------------------------------
+# Writing the file back, for --update-deviations
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(float(value))
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, str):
+        # A JSON string literal is a valid TOML basic string.
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _entry_lines(fields: dict, comments: Iterable[str] = ()) -> list[str]:
+    lines = [f"# {comment}" for comment in comments]
+    lines.append("[[deviation]]")
+    for key, value in fields.items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return lines
+
+
+def _fields(entry: Deviation) -> dict:
+    return {
+        "framework": entry.framework,
+        "versions": str(entry.versions),
+        "items": entry.items,
+        "implementations": entry.implementations,
+        "cases": entry.cases,
+        "devices": entry.devices,
+        "dtypes": entry.dtypes,
+        "quantities": entry.quantities,
+        "verdicts": None if entry.verdicts == ("fail",) else entry.verdicts,
+        "message": entry.message,
+        "max_error": entry.max_error,
+        "intermittent": entry.intermittent or None,
+        "date": entry.date,
+        "reason": entry.reason,
+        "link": entry.link,
+    }
+
+
+def draft_entries(
+    records: Iterable[dict], versions: dict[str, str], today: datetime.date
+) -> list[dict]:
+    """Return one draft entry per item with a non-conforming record, for review.
+
+    Each selects its item by exact id, with the quantities and verdicts seen, and
+    carries a reason and link that a person must write.
+    """
+    failing: dict[str, dict] = {}
+    for record in records:
+        if record["conforming"] or record["verdict"] not in REPLACEABLE:
+            continue
+        key = item_id(record)
+        draft = failing.setdefault(
+            key,
+            {
+                "framework": record["framework"],
+                "version": versions.get(record["framework"], ""),
+                "quantities": [],
+                "verdicts": [],
+                "message": record["message"],
+            },
+        )
+        if record["quantity"] not in draft["quantities"]:
+            draft["quantities"].append(record["quantity"])
+        if record["verdict"] not in draft["verdicts"]:
+            draft["verdicts"].append(record["verdict"])
+    drafts = []
+    for key, draft in sorted(failing.items()):
+        version = draft["version"].split("+")[0]
+        drafts.append(
+            {
+                "comment": "measured: " + " ".join(draft["message"].split())[:300],
+                "fields": {
+                    "framework": draft["framework"],
+                    "versions": f"=={version}" if version else ">=0",
+                    "items": [key],
+                    "quantities": draft["quantities"],
+                    "verdicts": (
+                        None if draft["verdicts"] == ["fail"] else draft["verdicts"]
+                    ),
+                    "date": today,
+                    "reason": "TODO: explain the difference, with evidence",
+                    "link": "TODO: link the evidence",
+                },
+            }
+        )
+    return drafts
+
+
+def write_updated(
+    path: Path,
+    entries: list[Deviation],
+    stale: list[Deviation],
+    unexercised: list[Deviation],
+    drafts: list[dict],
+) -> None:
+    """Write the entries back with this run's findings marked, then the drafts."""
+    stale_indexes = {entry.index for entry in stale}
+    unexercised_indexes = {entry.index for entry in unexercised}
+    blocks = [FILE_HEADER.rstrip("\n")]
+    for entry in entries:
+        comments = []
+        if entry.index in stale_indexes:
+            comments.append("STALE in this run: its items ran and none matched")
+        elif entry.index in unexercised_indexes:
+            comments.append("not exercised in this run: no record in its selection")
+        blocks.append("\n".join(_entry_lines(_fields(entry), comments)))
+    for draft in drafts:
+        comments = ["NEW: a non-conforming item that no entry covers", draft["comment"]]
+        blocks.append("\n".join(_entry_lines(draft["fields"], comments)))
+    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")

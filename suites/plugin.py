@@ -7,6 +7,7 @@ conformance suites, so `pytest tests` needs no framework installed.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,30 +45,31 @@ class State:
     deviations: list[deviations.Deviation]
     records: list[dict]
 
-    def stale_deviations(self) -> list[deviations.Deviation]:
-        """Return entries whose coordinates ran but that matched no record, and
-        entries for a framework that ran which name none of its implementations."""
+    def deviation_status(
+        self,
+    ) -> tuple[list[deviations.Deviation], list[deviations.Deviation]]:
+        """Return (stale, unexercised) entries for the frameworks that ran.
+
+        Stale: records in the entry's selection ran and none matched it (an
+        intermittent entry is never stale). Unexercised: no record in its selection
+        ran, as when it names an implementation the adapter does not declare.
+        """
         versions = {adapter.framework: adapter.version() for adapter in self.adapters}
-        declared = {
-            adapter.framework: {i.name for i in adapter.implementations()}
-            for adapter in self.adapters
-        }
-        stale = []
+        stale, unexercised = [], []
         for entry in self.deviations:
             version = versions.get(entry.framework)
-            if version is None:
-                continue
-            if not deviations.version_matches(version, entry.versions):
-                continue
-            if not set(entry.implementations) & declared[entry.framework]:
-                stale.append(entry)
+            if version is None or not deviations.version_matches(
+                version, entry.versions
+            ):
                 continue
             covered = [r for r in self.records if entry.covers(r, version)]
             ran = [r for r in covered if r["verdict"] != "unsupported"]
             used = [r for r in covered if r.get("deviation") == entry.index]
-            if ran and not used and not entry.intermittent:
+            if not ran:
+                unexercised.append(entry)
+            elif not used and not entry.intermittent:
                 stale.append(entry)
-        return stale
+        return stale, unexercised
 
 
 state_key = pytest.StashKey[State]()
@@ -123,6 +125,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=str(deviations.DEFAULT_PATH),
         metavar="PATH",
         help="TOML file of known deviations (default: suites/deviations.toml)",
+    )
+    group.addoption(
+        "--update-deviations",
+        default=None,
+        metavar="PATH",
+        help="after the run, write the deviations file to PATH for review: every "
+        "entry, marked where stale or unexercised, and a draft entry for each "
+        "non-conforming item that no entry covers",
     )
     group.addoption(
         "--report",
@@ -218,7 +228,8 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"--adapter or entry-point adapter was given ({not_installed})"
             )
         _check_devices(config, adapters)
-    _check_report_path(config)
+    _check_output_path(config, "report")
+    _check_output_path(config, "update_deviations")
     try:
         known = deviations.load(Path(config.getoption("deviations")))
     except deviations.DeviationsError as error:
@@ -228,19 +239,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(RecordCollector(state), "normconf-records")
 
 
-def _check_report_path(config: pytest.Config) -> None:
-    path = config.getoption("report")
+def _check_output_path(config: pytest.Config, option: str) -> None:
+    """Stop with a usage error unless the file that --OPTION names can be written."""
+    path = config.getoption(option)
     if not path:
         return
+    flag = "--" + option.replace("_", "-")
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise pytest.UsageError(
-            f"--report: cannot create the folder for {path}: {error}"
+            f"{flag}: cannot create the folder for {path}: {error}"
         ) from error
     if target.is_dir() or not os.access(target.parent, os.W_OK):
-        raise pytest.UsageError(f"--report: {path} is not a writable file path")
+        raise pytest.UsageError(f"{flag}: {path} is not a writable file path")
     # Open it now, so that a path the checks above miss (/proc/x.json) fails before
     # the run rather than after it. A file created only by this check is removed.
     existed = target.exists()
@@ -248,7 +261,7 @@ def _check_report_path(config: pytest.Config) -> None:
         with open(target, "a", encoding="utf-8"):
             pass
     except OSError as error:
-        raise pytest.UsageError(f"--report: cannot write {path}: {error}") from error
+        raise pytest.UsageError(f"{flag}: cannot write {path}: {error}") from error
     if not existed:
         target.unlink()
 
@@ -399,11 +412,24 @@ def _framework_environment(state: State) -> dict[str, dict]:
     return frameworks
 
 
+def _write_updated_deviations(config: pytest.Config, state: State) -> None:
+    path = config.getoption("update_deviations")
+    if not path:
+        return
+    stale, unexercised = state.deviation_status()
+    versions = {adapter.framework: adapter.version() for adapter in state.adapters}
+    drafts = deviations.draft_entries(state.records, versions, datetime.date.today())
+    deviations.write_updated(Path(path), state.deviations, stale, unexercised, drafts)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    path = config.getoption("report")
     state = config.stash.get(state_key, None)
-    if not path or state is None or hasattr(config, "workerinput"):
+    if state is None or hasattr(config, "workerinput"):
+        return
+    _write_updated_deviations(config, state)
+    path = config.getoption("report")
+    if not path:
         return
     document = report.build(
         state.records,
@@ -411,9 +437,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.getoption("seed"),
         report.main_command(),
     )
-    document["stale_deviations"] = [
-        entry.describe() for entry in state.stale_deviations()
-    ]
+    stale, unexercised = state.deviation_status()
+    document["stale_deviations"] = [entry.describe() for entry in stale]
+    document["unexercised_deviations"] = [entry.describe() for entry in unexercised]
     report.write(document, Path(path))
 
 
@@ -434,10 +460,18 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line("rejected and deviating items:")
         for line in notable:
             terminalreporter.write_line(f"  {line}")
-    for entry in state.stale_deviations():
+    stale, unexercised = state.deviation_status()
+    for entry in stale:
         terminalreporter.write_line(
             f"stale: {entry.describe()} matched no record although its items ran"
         )
+    for entry in unexercised:
+        terminalreporter.write_line(
+            f"unexercised: {entry.describe()} selected no record that ran"
+        )
+    updated = config.getoption("update_deviations")
+    if updated:
+        terminalreporter.write_line(f"deviations for review: {Path(updated).resolve()}")
     path = config.getoption("report")
     if path:
         terminalreporter.write_line(f"report: {Path(path).resolve()}")

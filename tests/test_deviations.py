@@ -14,6 +14,7 @@ ENTRY = """
 [[deviation]]
 framework = "torch"
 versions = ">=2.10"
+date = 2026-12-04
 implementations = ["functional"]
 cases = ["eps0"]
 reason = "a reason"
@@ -150,3 +151,102 @@ def test_local_version_suffix_ignored():
 
 def test_unparsable_version_never_matches():
     assert not deviations.version_matches("nightly", SpecifierSet(">=0"))
+
+
+ITEMS_ENTRY = """
+[[deviation]]
+framework = "torch"
+versions = ">=2.10"
+date = "2026-12-04"
+items = ["torch-functional-*-float32-eps0"]
+reason = "a reason"
+link = "https://example.invalid/evidence"
+"""
+
+
+def test_items_pattern_matches_whole_id(tmp_path):
+    entries = deviations.load(write(tmp_path, ITEMS_ENTRY))
+    row = record()
+    deviations.apply([row], entries, "2.13.0")
+    assert row["verdict"] == "deviation"
+
+
+def test_items_pattern_other_dtype_not_matched(tmp_path):
+    entries = deviations.load(write(tmp_path, ITEMS_ENTRY))
+    row = record(dtype="float64")
+    deviations.apply([row], entries, "2.13.0")
+    assert row["verdict"] == "fail"
+
+
+def test_message_pattern_limits_what_is_covered(tmp_path):
+    entries = deviations.load(
+        write(tmp_path, ENTRY + 'message = "non-finite mismatch"\n')
+    )
+    nan_row = record(message="output: ... error a non-finite mismatch > budget")
+    numeric_row = record(message="output: ... error 52 u > budget 44 u")
+    deviations.apply([nan_row, numeric_row], entries, "2.13.0")
+    assert nan_row["verdict"] == "deviation"
+    assert numeric_row["verdict"] == "fail"
+
+
+def test_max_error_limits_what_is_covered(tmp_path):
+    entries = deviations.load(write(tmp_path, ENTRY + "max_error = 300\n"))
+    small = record(error=250.0)
+    large = record(error=3000.0)
+    deviations.apply([small, large], entries, "2.13.0")
+    assert small["verdict"] == "deviation"
+    assert large["verdict"] == "fail"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (ENTRY.replace("date = 2026-12-04\n", ""), "missing keys date"),
+        (ENTRY.replace("2026-12-04", '"yesterday"'), "date must be a date"),
+        (
+            ENTRY.replace('cases = ["eps0"]\n', ""),
+            "select records with items, or with implementations and cases",
+        ),
+        (
+            ITEMS_ENTRY.replace("torch-functional", "mxnet-functional"),
+            "does not start with the framework 'torch'",
+        ),
+        (ENTRY + 'message = "("\n', "invalid message pattern"),
+        (ENTRY + "max_error = -1\n", "max_error must be a positive number"),
+    ],
+    ids=["no-date", "bad-date", "no-selection", "pattern-framework", "regex", "bound"],
+)
+def test_new_keys_validated(tmp_path, text, message):
+    with pytest.raises(deviations.DeviationsError, match=re.escape(message)):
+        deviations.load(write(tmp_path, text))
+
+
+def test_update_round_trip(tmp_path):
+    entries = deviations.load(deviations.DEFAULT_PATH)
+    failing = record(
+        framework="torch",
+        implementation="group-norm",
+        case="random-2d",
+        message="output: worst element [0, 1]\nsecond line",
+    )
+    drafts = deviations.draft_entries(
+        [failing, record(conforming=True, verdict="pass")],
+        {"torch": "2.13.0+cpu"},
+        deviations.datetime.date(2026, 12, 4),
+    )
+    assert len(drafts) == 1
+    target = tmp_path / "updated.toml"
+    deviations.write_updated(target, entries, entries[:1], entries[1:2], drafts)
+    reloaded = deviations.load(target)
+    assert len(reloaded) == len(entries) + 1
+    assert reloaded[-1].items == ("torch-group-norm-cpu-float32-random-2d",)
+    assert str(reloaded[-1].versions) == "==2.13.0"
+    text = target.read_text(encoding="utf-8")
+    assert text.count("STALE in this run") == 1
+    assert text.count("not exercised in this run") == 1
+    for old, new in zip(entries, reloaded, strict=False):
+        assert (old.reason, old.link, old.versions) == (
+            new.reason,
+            new.link,
+            new.versions,
+        )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from suites import deviations
+
 ROOT = Path(__file__).resolve().parents[1]
 USAGE_ERROR = 4
 
@@ -123,8 +125,8 @@ def test_unsupported_dtype_recorded(tmp_path):
     assert completed.returncode == 0
     results = read_report(report)["results"]
     assert {r["verdict"] for r in results} == {"unsupported"}
-    assert "computes in float32 only" in results[0]["message"]
-    assert "computes in float32 only" in completed.stdout
+    assert "float32" in results[0]["message"]
+    assert "float32" in completed.stdout.split("short test summary")[-1]
 
 
 def test_deviation_replaces_fail(tmp_path):
@@ -133,6 +135,7 @@ def test_deviation_replaces_fail(tmp_path):
         "[[deviation]]\n"
         'framework = "fault-one-pass-variance"\n'
         'versions = ">=1"\n'
+        "date = 2026-12-04\n"
         'implementations = ["kernel"]\n'
         'cases = ["large-mean-1e4"]\n'
         'reason = "injected for a test"\n'
@@ -141,6 +144,7 @@ def test_deviation_replaces_fail(tmp_path):
         "[[deviation]]\n"
         'framework = "fault-one-pass-variance"\n'
         'versions = ">=1"\n'
+        "date = 2026-12-04\n"
         'implementations = ["kernel"]\n'
         'cases = ["random-2d"]\n'
         'reason = "never fails, so stale"\n'
@@ -323,6 +327,7 @@ def test_deviation_with_unknown_case(tmp_path):
     entries = tmp_path / "deviations.toml"
     entries.write_text(
         '[[deviation]]\nframework = "numpy-float32"\nversions = ">=0"\n'
+        "date = 2026-12-04\n"
         'implementations = ["kernel"]\ncases = ["no-such-case"]\n'
         'reason = "r"\nlink = "l"\n',
         encoding="utf-8",
@@ -334,10 +339,11 @@ def test_deviation_with_unknown_case(tmp_path):
     assert "unknown case 'no-such-case'" in completed.stderr
 
 
-def test_deviation_naming_no_declared_implementation_is_stale(tmp_path):
+def test_deviation_naming_no_declared_implementation_is_unexercised(tmp_path):
     entries = tmp_path / "deviations.toml"
     entries.write_text(
         '[[deviation]]\nframework = "numpy-float32"\nversions = ">=0"\n'
+        "date = 2026-12-04\n"
         'implementations = ["no-such-implementation"]\ncases = ["M1"]\n'
         'reason = "r"\nlink = "l"\n',
         encoding="utf-8",
@@ -350,7 +356,10 @@ def test_deviation_naming_no_declared_implementation_is_stale(tmp_path):
         f"--report={report}",
     )
     assert completed.returncode == 0, completed.stdout[-2000:]
-    assert len(read_report(report)["stale_deviations"]) == 1
+    document = read_report(report)
+    assert document["stale_deviations"] == []
+    assert len(document["unexercised_deviations"]) == 1
+    assert "unexercised: deviation #1" in completed.stdout
 
 
 def test_repeated_values_select_once(tmp_path):
@@ -427,6 +436,7 @@ def test_intermittent_entry_is_not_stale(tmp_path):
         "[[deviation]]\n"
         'framework = "fault-one-pass-variance"\n'
         'versions = ">=1"\n'
+        "date = 2026-12-04\n"
         'implementations = ["kernel"]\n'
         'cases = ["random-2d"]\n'
         "intermittent = true\n"
@@ -474,3 +484,23 @@ def test_gpu_selects_cuda_devices(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     devices = {record["device"] for record in read_report(report)["results"]}
     assert devices == {"cuda"}
+
+
+def test_update_deviations_drafts_failing_items(tmp_path):
+    entries = tmp_path / "empty.toml"
+    entries.write_text("", encoding="utf-8")
+    updated = tmp_path / "review" / "deviations.toml"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,random-2d",
+        f"--deviations={entries}",
+        f"--update-deviations={updated}",
+    )
+    assert completed.returncode == 1
+    assert "deviations for review:" in completed.stdout
+    drafts = deviations.load(updated)
+    assert [entry.items for entry in drafts] == [
+        ("fault-one-pass-variance-kernel-cpu-float32-large-mean-1e4",)
+    ]
+    assert "TODO" in drafts[0].reason
