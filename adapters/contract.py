@@ -16,6 +16,8 @@ Contract version 1:
   when it is not (a missing GPU is reported, not hidden).
 - `unsupported_reason(implementation, device, dtype)`: None when the combination runs,
   otherwise a sentence saying why not.
+- `math_modes()`: optional, the framework's switches that change floating-point
+  precision (TF32 and the like) as a name-to-value mapping, recorded in the report.
 - `run(request)`: compute one case and return a `Result`. Raise `Rejected` when the
   framework refuses the input (its own error for that input); any other exception is
   treated as the adapter breaking and gets the verdict `error`.
@@ -101,6 +103,11 @@ class Result:
     is off. `dtype` names the dtype the framework returned its output in, as
     normconf spells dtypes ("float32").
 
+    `compute_dtype` names the format the framework computed in, when the adapter
+    knows it: "float32" for float16 input that a kernel computes in float32, or
+    "tfloat32" for float32 math on TF32 tensor cores. A result is judged in the units
+    of the tested dtype, or of `compute_dtype` when that format is coarser.
+
     `eps` is set only when the framework's interface cannot hold the request's eps
     and stores a rounded value: ONNX keeps the epsilon attribute in float32, so 1e-5
     reaches the kernel as 9.99999974737875e-06. It must equal the request's eps
@@ -114,6 +121,7 @@ class Result:
     grad_beta: np.ndarray | None = None
     dtype: str | None = None
     eps: float | None = None
+    compute_dtype: str | None = None
 
 
 class Adapter(abc.ABC):
@@ -136,6 +144,10 @@ class Adapter(abc.ABC):
     ) -> str | None:
         """Return None if the combination runs, else why not. Default: all run."""
         return None
+
+    def math_modes(self) -> dict[str, object]:
+        """Return the framework's precision switches and their values. Default: none."""
+        return {}
 
     @abc.abstractmethod
     def run(self, request: Request) -> Result: ...

@@ -112,6 +112,18 @@ class TorchAdapter(Adapter):
     def implementations(self) -> Sequence[Implementation]:
         return [implementation for implementation, _ in IMPLEMENTATIONS.values()]
 
+    def math_modes(self) -> dict[str, object]:
+        # torch's precision switches for float32 matrix multiplication and cuDNN
+        # convolution, which select TF32 on tensor cores.
+        matmul_precision = torch.get_float32_matmul_precision()
+        return {
+            "torch.get_float32_matmul_precision()": matmul_precision,
+            "torch.backends.cuda.matmul.fp32_precision": (
+                torch.backends.cuda.matmul.fp32_precision
+            ),
+            "torch.backends.cudnn.fp32_precision": torch.backends.cudnn.fp32_precision,
+        }
+
     def devices(self) -> Sequence[Device]:
         devices = [Device("cpu")]
         if not torch.cuda.is_available():

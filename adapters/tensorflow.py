@@ -69,6 +69,7 @@ class Computed:
     gamma: tf.Tensor | tf.Variable | None
     beta: tf.Tensor | tf.Variable | None
     eps: float | None = None
+    compute_dtype: str | None = None
 
 
 Forward = Callable[
@@ -110,7 +111,11 @@ def _keras_group_norm(x, gamma, beta, eps, layout):
     output = layer(x)
     if channels_first:
         output = _to_channels_first(output)
-    return Computed(output, layer.gamma, layer.beta)
+    # Keras 3.15.1's GroupNormalization casts float16 and bfloat16 input to float32,
+    # computes, and rounds the output once (its call() and a traced graph show it).
+    low_precision = x.dtype in (tf.float16, tf.bfloat16)
+    computed_in = "float32" if low_precision else x.dtype.name
+    return Computed(output, layer.gamma, layer.beta, compute_dtype=computed_in)
 
 
 def _parameter_shape(rank: int, channels: int, layout: str) -> list[int]:
@@ -270,6 +275,15 @@ class TensorFlowAdapter(Adapter):
     def implementations(self) -> Sequence[Implementation]:
         return [implementation for implementation, _ in IMPLEMENTATIONS.values()]
 
+    def math_modes(self) -> dict[str, object]:
+        # On by default: float32 matrix multiplications and convolutions on GPUs
+        # with tensor cores then run in TF32.
+        return {
+            "tf.config.experimental.tensor_float_32_execution_enabled()": (
+                tf.config.experimental.tensor_float_32_execution_enabled()
+            )
+        }
+
     def devices(self) -> Sequence[Device]:
         # NOTE: the GPU path has never run: normconf's TensorFlow adapter was
         # measured with tensorflow-cpu only.
@@ -322,6 +336,7 @@ class TensorFlowAdapter(Adapter):
             grad_beta=_to_numpy(grad_beta),
             dtype=output.dtype.name,
             eps=computed.eps,
+            compute_dtype=computed.compute_dtype,
         )
 
     @staticmethod

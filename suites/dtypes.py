@@ -27,6 +27,25 @@ MAX_FINITE = {
 
 DTYPES = tuple(UNIT_ROUNDOFF)
 
+# Formats a framework may compute in, which Result.compute_dtype names: the tested
+# dtypes and TensorFloat-32, float32's 8-bit exponent with a 10-bit stored fraction
+# (so u = 2^-11), used by tensor-core math modes.
+COMPUTE_UNIT_ROUNDOFF = {**UNIT_ROUNDOFF, "tfloat32": 2.0**-11}
+
+
+def judging_dtype(tested: str, computed: str | None) -> str:
+    """Return the dtype whose unit roundoff measures a result's error.
+
+    A result is judged in units of the tested dtype, unless the framework computed
+    in a coarser format (float32 input on TF32 tensor cores), whose units apply.
+    """
+    if computed is None:
+        return tested
+    if COMPUTE_UNIT_ROUNDOFF[computed] > UNIT_ROUNDOFF[tested]:
+        return computed
+    return tested
+
+
 # The NumPy dtype that carries each tested dtype's values exactly.
 CONTAINER = {
     "float64": np.float64,

@@ -145,7 +145,7 @@ def normalized_errors(
     """
     got = normalization.as_float64(got)
     expected = normalization.as_float64(expected)
-    unit = dtypes.UNIT_ROUNDOFF[dtype]
+    unit = dtypes.COMPUTE_UNIT_ROUNDOFF[dtype]
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         difference = np.abs(got - expected)
@@ -165,13 +165,18 @@ def compare(
     scale: np.ndarray,
     dtype: str,
     shape: tuple[int, ...],
+    units: str | None = None,
 ) -> Comparison:
-    """Judge one quantity; `shape` is the shape of x, which sets the budget."""
+    """Judge one quantity; `shape` is the shape of x, which sets the budget.
+
+    Errors are in units of the roundoff of `units` (default: `dtype`), and the
+    budget is the tested dtype's entry of BUDGET.
+    """
     limit = budget(quantity, dtype, budget_reduction_length(quantity, shape))
     if expected.size == 0:
         return Comparison(0.0, limit, None, None, None, False)
 
-    errors = normalized_errors(got, expected, scale, dtype)
+    errors = normalized_errors(got, expected, scale, units or dtype)
     flat = int(np.argmax(errors))
     index = tuple(int(i) for i in np.unravel_index(flat, errors.shape))
     got_value = float(np.asarray(got, dtype=np.float64)[index])

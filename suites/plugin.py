@@ -367,6 +367,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"normconf: {adapter.framework} {adapter.version()}: "
             f"devices {'; '.join(devices)}"
         )
+        modes = getattr(adapter, "math_modes", None)
+        if callable(modes) and modes():
+            settings = ", ".join(f"{name} = {value}" for name, value in modes().items())
+            lines.append(f"normconf: {adapter.framework} math modes: {settings}")
     for missing in state.missing:
         lines.append(f"normconf: {missing.framework} not installed ({missing.reason})")
     return lines
@@ -399,8 +403,10 @@ class RecordCollector:
 def _framework_environment(state: State) -> dict[str, dict]:
     frameworks: dict[str, dict] = {}
     for adapter in state.adapters:
+        modes = getattr(adapter, "math_modes", None)
         frameworks[adapter.framework] = {
             "version": adapter.version(),
+            "math_modes": dict(modes()) if callable(modes) else {},
             "devices": [dataclasses.asdict(device) for device in adapter.devices()],
             "implementations": [
                 dataclasses.asdict(implementation)

@@ -53,6 +53,8 @@ class Record:
     # The eps the reference used when the framework received a rounded one (see
     # Result.eps); None when it received the case's eps.
     eps: float | None = None
+    # The format the framework computed in, when its adapter declared it.
+    compute_dtype: str | None = None
 
     @property
     def item_id(self) -> str:
@@ -210,8 +212,15 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
         return [item.record(q, "error", False, message) for q in quantities]
 
     eps, problem = received_eps(case.eps, result.eps)
+    if problem is None and result.compute_dtype is not None:
+        if result.compute_dtype not in dtypes.COMPUTE_UNIT_ROUNDOFF:
+            known = ", ".join(dtypes.COMPUTE_UNIT_ROUNDOFF)
+            problem = (
+                f"Result.compute_dtype {result.compute_dtype!r} is not one of {known}"
+            )
     if problem is not None:
         return [item.record(q, "error", False, problem) for q in quantities]
+    units = dtypes.judging_dtype(dtype, result.compute_dtype)
     expected = expected_results(case, dtype, seed, eps)
     scale = expected_scales(case, dtype, seed, eps)
     result_dtype = result.dtype
@@ -237,11 +246,13 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
             got = from_layout(got, layout)
 
         comparison = error_model.compare(
-            quantity, got, exact, scale[quantity], dtype, case.shape
+            quantity, got, exact, scale[quantity], dtype, case.shape, units
         )
-        records.append(
-            _record_comparison(item, quantity, comparison, result_dtype, eps)
+        record = _record_comparison(
+            item, quantity, comparison, result_dtype, eps, units
         )
+        record.compute_dtype = result.compute_dtype
+        records.append(record)
     return records
 
 
@@ -251,6 +262,7 @@ def _record_comparison(
     comparison: error_model.Comparison,
     result_dtype,
     eps: float | None = None,
+    units: str | None = None,
 ) -> Record:
     verdict = "pass" if comparison.within_budget else "fail"
     if comparison.index is None:
@@ -266,7 +278,7 @@ def _record_comparison(
         message = (
             f"{quantity}: worst element [{where}]: got {format_value(comparison.got)}, "
             f"expected {format_value(comparison.expected)}, error {error_text} "
-            f"{relation} budget {comparison.budget:.3g} u of {item.dtype}"
+            f"{relation} budget {comparison.budget:.3g} u of {units or item.dtype}"
         )
     if eps is not None:
         message += f" (reference with eps {eps!r}, as the framework stores it)"

@@ -299,3 +299,57 @@ def test_declared_eps_that_is_not_a_rounding_is_error(declared):
     records = float64_verdicts(adapter, "eps1e-3")
     assert {r.verdict for r in records.values()} == {"error"}
     assert "Result.eps" in records["output"].message
+
+
+class DeclaresComputeDtype(Float32Kernel):
+    """The correct float32 kernel, declaring a compute format for its results."""
+
+    framework = "declares-compute-dtype"
+    declared: object = "tfloat32"
+
+    def run(self, request):
+        result = super().run(request)
+        result.compute_dtype = self.declared
+        return result
+
+
+class Tf32Rounding(DeclaresComputeDtype):
+    """Rounds the output to TF32's 10-bit fraction, as tensor-core math would."""
+
+    framework = "tf32-rounding"
+
+    def run(self, request):
+        result = super().run(request)
+        mantissa, exponent = np.frexp(result.output.astype(np.float64))
+        rounded = np.ldexp(np.round(mantissa * 2.0**11) / 2.0**11, exponent)
+        result.output = rounded.astype(np.float32)
+        return result
+
+
+def test_tf32_rounding_fails_in_float32_units():
+    adapter = Tf32Rounding()
+    adapter.declared = None
+    assert verdicts(adapter, "random-2d")["output"].verdict == "fail"
+
+
+def test_tf32_rounding_passes_in_tf32_units():
+    record = verdicts(Tf32Rounding(), "random-2d")["output"]
+    assert record.verdict == "pass"
+    assert record.compute_dtype == "tfloat32"
+    assert "u of tfloat32" in record.message
+
+
+def test_finer_compute_dtype_keeps_tested_units():
+    adapter = DeclaresComputeDtype()
+    adapter.declared = "float64"
+    record = verdicts(adapter, "random-2d")["output"]
+    assert record.verdict == "pass"
+    assert "u of float32" in record.message
+
+
+def test_unknown_compute_dtype_is_error():
+    adapter = DeclaresComputeDtype()
+    adapter.declared = "float8"
+    records = verdicts(adapter, "random-2d")
+    assert {r.verdict for r in records.values()} == {"error"}
+    assert "compute_dtype 'float8'" in records["output"].message
