@@ -1,10 +1,13 @@
-"""NumPy adapters for the suite's own tests: one correct, the rest with real defects.
+"""NumPy adapters for the suite's own tests: three correct, the rest with real defects.
 
 `Float32Kernel` computes InstanceNorm the way a careful float32 kernel does: every
 array and intermediate is float32, the variance is two-pass, and the input gradient
-uses the compact formula. Each subclass changes one step to a defect that has shipped
-in real kernels. The suite must pass the correct kernel on every case and give each
-faulty one `fail` on the cases that expose its defect.
+uses the compact formula. `SerialSumKernel` is the same with every sum accumulated
+one element at a time, and `Float16Kernel` takes and returns float16 while computing
+in float32. Each faulty kernel changes one step of one of them to a defect that has
+shipped in real kernels, and is judged in the one dtype it accepts (its `dtype`).
+The suite must pass the correct kernels on every case and give each faulty one
+`fail` on the cases that expose its defect.
 
 These are ordinary adapters: `--adapter tests.faults:OnePassVariance` runs one through
 the conformance suite.
@@ -12,6 +15,8 @@ the conformance suite.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,8 +30,17 @@ from adapters.contract import (
     Request,
     Result,
 )
+from suites import cases
+from suites.verdicts import (
+    Item,
+    Record,
+    run_item,
+    unsupported_reason,
+    unsupported_records,
+)
 
 F32 = np.float32
+F16 = np.float16
 
 
 class Float32Kernel(Adapter):
@@ -34,6 +48,8 @@ class Float32Kernel(Adapter):
 
     contract_version = CONTRACT_VERSION
     framework = "numpy-float32"
+    # The only dtype the kernel accepts, and the dtype the tests judge it in.
+    dtype = "float32"
 
     def version(self) -> str:
         return np.__version__
@@ -51,6 +67,11 @@ class Float32Kernel(Adapter):
         return None
 
     # The steps below are what the faulty kernels override.
+
+    def statistics_axes(self, axes: tuple[int, ...], channel_axis: int):
+        """Return the axes that the mean, the variance and the sums in dx reduce
+        over: the spatial axes `axes` of one (n, c) slice."""
+        return axes
 
     def mean(self, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
         return np.mean(x, axis=axes, keepdims=True, dtype=F32)
@@ -93,11 +114,12 @@ class Float32Kernel(Adapter):
         )
         gamma_b, beta_b = gamma.reshape(shape), beta.reshape(shape)
         axes = tuple(axis for axis in range(1, x.ndim) if axis != channel_axis)
-        m = int(np.prod([x.shape[axis] for axis in axes]))
+        statistics_axes = self.statistics_axes(axes, channel_axis)
+        m = int(np.prod([x.shape[axis] for axis in statistics_axes]))
 
         with np.errstate(invalid="ignore", over="ignore"):
-            mean = self.mean(x, axes)
-            var = self.variance(x, mean, axes)
+            mean = self.mean(x, statistics_axes)
+            var = self.variance(x, mean, statistics_axes)
             rstd = self.rstd(var, request.eps)
             xhat = (x - mean) * rstd
             output = gamma_b * xhat + beta_b
@@ -107,7 +129,9 @@ class Float32Kernel(Adapter):
                 return result
 
             dy = np.asarray(request.grad_output, dtype=F32)
-            result.grad_input = self.grad_input(dy, gamma_b, xhat, rstd, m, axes)
+            result.grad_input = self.grad_input(
+                dy, gamma_b, xhat, rstd, m, statistics_axes
+            )
             if request.affine:
                 shared = (0, *axes)
                 result.grad_gamma, result.grad_beta = self.parameter_gradients(
@@ -116,20 +140,43 @@ class Float32Kernel(Adapter):
         return result
 
 
-def _serial_sum(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Sum over `axes` one element at a time in float32, keeping dimensions."""
+def _slices_as_rows(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Return `values` as a 2-D array with one row per slice, the slice being the
+    elements that share their indices outside `axes`."""
     kept = [axis for axis in range(values.ndim) if axis not in axes]
     length = int(np.prod([values.shape[axis] for axis in axes]))
-    flat = np.transpose(values, kept + list(axes)).reshape(
-        [values.shape[axis] for axis in kept] + [length]
-    )
-    if length:
-        total = np.cumsum(flat, axis=-1, dtype=F32)[..., -1]
+    slices = int(np.prod([values.shape[axis] for axis in kept]))
+    return np.transpose(values, kept + list(axes)).reshape(slices, length)
+
+
+def _kept_shape(values: np.ndarray, axes: tuple[int, ...]) -> list[int]:
+    return [1 if axis in axes else n for axis, n in enumerate(values.shape)]
+
+
+def _serial_sum(values: np.ndarray, axes: tuple[int, ...], dtype=F32) -> np.ndarray:
+    """Sum over `axes` one element at a time, rounding every partial sum to `dtype`,
+    keeping dimensions."""
+    rows = _slices_as_rows(values, axes)
+    if rows.shape[-1]:
+        total = np.cumsum(rows, axis=-1, dtype=dtype)[..., -1]
     else:
-        total = np.zeros(flat.shape[:-1], F32)
-    return total.reshape(
-        [1 if axis in axes else n for axis, n in enumerate(values.shape)]
-    )
+        total = np.zeros(rows.shape[:-1], dtype)
+    return total.reshape(_kept_shape(values, axes))
+
+
+def _sum_through_all_slices(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Sum over `axes` in float32 as a product with a 0/1 slice-indicator matrix,
+    keeping dimensions.
+
+    Each slice's sum multiplies every element of every slice, by 1 or by 0, as a
+    segmented sum written as one matrix product does. 0 * NaN and 0 * inf are NaN, so
+    a NaN or an infinity in one slice makes every slice's sum NaN.
+    """
+    rows = _slices_as_rows(values, axes)
+    indicator = np.eye(rows.shape[0], dtype=F32)
+    products = indicator[:, :, None] * rows[None, :, :]
+    total = np.sum(products, axis=(1, 2), dtype=F32)
+    return total.reshape(_kept_shape(values, axes))
 
 
 class SerialSumKernel(Float32Kernel):
@@ -223,6 +270,163 @@ class SwappedParameterGradients(Float32Kernel):
         return grad_beta, grad_gamma
 
 
+class EpsAddedTwice(Float32Kernel):
+    """rstd = 1 / sqrt(var + 2 * eps), as when the variance kernel adds eps and the
+    normalize kernel adds it again."""
+
+    framework = "fault-eps-added-twice"
+
+    def rstd(self, var, eps):
+        return super().rstd(var + F32(eps), eps)
+
+
+class StatisticsAcrossChannels(Float32Kernel):
+    """The mean and variance (and dx's sums) of each sample are taken over the
+    channels as well as the spatial axes: LayerNorm instead of InstanceNorm."""
+
+    framework = "fault-statistics-across-channels"
+
+    def statistics_axes(self, axes, channel_axis):
+        return tuple(sorted((*axes, channel_axis)))
+
+
+class StatisticsAcrossBatch(Float32Kernel):
+    """The mean and variance (and dx's sums) of each channel are taken over the batch
+    as well as the spatial axes: BatchNorm instead of InstanceNorm."""
+
+    framework = "fault-statistics-across-batch"
+
+    def statistics_axes(self, axes, channel_axis):
+        return (0, *axes)
+
+    def run(self, request):
+        # On an empty batch NumPy warns that the mean has no elements. The NaN it
+        # returns reaches no element of the empty output.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            return super().run(request)
+
+
+class NanLeaksAcrossSlices(Float32Kernel):
+    """dx's per-slice sums are computed as a product with a 0/1 slice-indicator
+    matrix, so a NaN or infinity in one slice's g * xhat makes dx NaN in every slice.
+
+    The exact dx is NaN only in a slice that is NaN itself: on constant-slice-eps0
+    the constant slice's xhat is 0 / 0 and the other slices are finite.
+    """
+
+    framework = "fault-nan-leaks-across-slices"
+
+    def grad_input(self, dy, gamma, xhat, rstd, m, axes):
+        g = gamma * dy
+        sum_g = _sum_through_all_slices(g, axes)
+        sum_g_xhat = _sum_through_all_slices(g * xhat, axes)
+        return rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_g_xhat)
+
+
+class UnbiasedVarianceInBackward(Float32Kernel):
+    """The forward divides the variance by M, but dx uses the variance divided by
+    M - 1, as when the backward recomputes rstd from an unbiased variance."""
+
+    framework = "fault-unbiased-variance-in-backward"
+
+    def grad_input(self, dy, gamma, xhat, rstd, m, axes):
+        # rstd * sqrt((M - 1) / M) = 1 / sqrt((var + eps) * M / (M - 1)).
+        correction = F32(np.sqrt((m - 1) / m)) if m > 0 else F32(1.0)
+        return super().grad_input(dy, gamma, xhat, rstd * correction, m, axes)
+
+
+class LastSampleParameterGradients(Float32Kernel):
+    """grad_gamma and grad_beta contain only the last sample's sums, as when the loop
+    over the batch assigns the per-sample sum where it should add it."""
+
+    framework = "fault-last-sample-parameter-gradients"
+
+    def parameter_gradients(self, dy, xhat, shared):
+        return super().parameter_gradients(dy[-1:], xhat[-1:], shared)
+
+
+class ChannelsLastReadAsChannelsFirst(Float32Kernel):
+    """Channels-last input is read with channels-first strides: the (N, *spatial, C)
+    buffer is taken as (N, C, *spatial), and the results are written back the same
+    way. Channels-first input is computed correctly."""
+
+    framework = "fault-channels-last-read-as-channels-first"
+
+    def run(self, request):
+        if request.layout != "channels_last":
+            return super().run(request)
+        shape = request.x.shape
+        misread_shape = (shape[0], shape[-1], *shape[1:-1])
+        misread = dataclasses.replace(
+            request,
+            x=request.x.reshape(misread_shape),
+            grad_output=request.grad_output.reshape(misread_shape),
+            layout="channels_first",
+        )
+        result = super().run(misread)
+        result.output = result.output.reshape(shape)
+        if result.grad_input is not None:
+            result.grad_input = result.grad_input.reshape(shape)
+        return result
+
+
+class Float16Kernel(Float32Kernel):
+    """A correct float16 kernel: float16 input and results, every step in float32."""
+
+    framework = "numpy-float16"
+    dtype = "float16"
+
+    def unsupported_reason(self, implementation, device, dtype):
+        if dtype != "float16":
+            return f"{type(self).__name__} takes float16 input only"
+        return None
+
+    def run(self, request):
+        result = super().run(request)
+        with np.errstate(over="ignore"):
+            for name in ("output", "grad_input", "grad_gamma", "grad_beta"):
+                value = getattr(result, name)
+                if value is not None:
+                    setattr(result, name, value.astype(F16))
+        result.dtype = "float16"
+        return result
+
+
+class Float16SumOfSquares(Float16Kernel):
+    """The sum of squared deviations is accumulated one element at a time in float16,
+    as a half-precision kernel that keeps its accumulator in the input dtype does.
+    Every other step is in float32.
+
+    The sum stops growing once float16's spacing at the partial sum is more than
+    twice each term: on long-reduction (M = 2^18, variance 1) it stalls near 32768,
+    an eighth of the exact sum.
+    """
+
+    framework = "fault-float16-sum-of-squares"
+
+    def variance(self, x, mean, axes):
+        m = int(np.prod([x.shape[axis] for axis in axes]))
+        centered = x - mean
+        squares = (centered * centered).astype(F16)
+        return _serial_sum(squares, axes, F16).astype(F32) / F32(max(m, 1))
+
+
+class Float16SumOfValues(Float16Kernel):
+    """The sum behind the mean is accumulated one element at a time in float16, and
+    every other step is in float32.
+
+    The sum overflows float16 (largest finite value 65504) on large-mean-1e4, whose
+    slices contain 256 values near 1e4, so the mean is infinite and the output NaN.
+    """
+
+    framework = "fault-float16-sum-of-values"
+
+    def mean(self, x, axes):
+        m = int(np.prod([x.shape[axis] for axis in axes]))
+        return _serial_sum(x.astype(F16), axes, F16).astype(F32) / F32(max(m, 1))
+
+
 FAULTS = (
     OnePassVariance,
     EpsOutsideSqrt,
@@ -230,4 +434,29 @@ FAULTS = (
     UnbiasedVariance,
     GammaMissingFromDx,
     SwappedParameterGradients,
+    EpsAddedTwice,
+    StatisticsAcrossChannels,
+    StatisticsAcrossBatch,
+    NanLeaksAcrossSlices,
+    UnbiasedVarianceInBackward,
+    LastSampleParameterGradients,
+    ChannelsLastReadAsChannelsFirst,
+    Float16SumOfSquares,
+    Float16SumOfValues,
 )
+
+
+def run_case(adapter: Float32Kernel, case_name: str, seed: int) -> dict[str, Record]:
+    """Judge one catalogue case computed by a kernel in its own dtype, as the suite
+    does, and return the records by quantity. A case the dtype cannot hold gets
+    `unsupported` records without running."""
+    case = cases.by_name(case_name)
+    item = Item(adapter.framework, "kernel", "cpu", adapter.dtype, case, seed)
+    implementation = adapter.implementations()[0]
+    device = adapter.devices()[0]
+    reason = unsupported_reason(adapter, implementation, device, item)
+    if reason is not None:
+        records = unsupported_records(item, reason, implementation.gradients)
+    else:
+        records = run_item(adapter, item, implementation)
+    return {record.quantity: record for record in records}
