@@ -84,6 +84,28 @@ class WithConstantSlice(Generator):
         return max(self.base.max_abs(), abs(self.value))
 
 
+@dataclass(frozen=True)
+class WithElement(Generator):
+    """Draws from `base`, then sets the one element at `index` to `value`, which
+    may be NaN or infinite."""
+
+    base: Generator
+    value: float
+    index: tuple[int, ...]
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        values = self.base.generate(rng, shape)
+        values[self.index] = self.value
+        return values
+
+    def max_abs(self) -> float:
+        # Non-finite values survive rounding to every dtype, so only the finite
+        # ones bound the range a dtype must hold.
+        if not np.isfinite(self.value):
+            return self.base.max_abs()
+        return max(self.base.max_abs(), abs(self.value))
+
+
 DEFAULT_X = Normal()
 DEFAULT_GAMMA = Uniform(0.5, 1.5)
 DEFAULT_BETA = Normal(0.0, 0.5)
@@ -273,6 +295,22 @@ CATALOGUE: tuple[Case, ...] = (
         x=WithConstantSlice(Normal(), 2.5),
         rejection_allowed=True,
         rejection_reason=EPS0_CONSTANT_REASON,
+    ),
+    Case(
+        "nan-element",
+        "non-finite",
+        "one NaN in slice (0, 1): NaN in that slice's output, dx and its channel's "
+        "grad_gamma, finite everywhere else",
+        (2, 3, 4, 4),
+        x=WithElement(Normal(), float("nan"), (0, 1, 2, 3)),
+    ),
+    Case(
+        "inf-element",
+        "non-finite",
+        "one +inf in slice (0, 1): NaN in that slice's output and dx, finite "
+        "everywhere else",
+        (2, 3, 4, 4),
+        x=WithElement(Normal(), float("inf"), (0, 1, 2, 3)),
     ),
     Case(
         "N0",

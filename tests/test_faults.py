@@ -63,6 +63,8 @@ EXPOSED = [
     # No case has a NaN or infinite input. The 0 / 0 of the constant slice with
     # eps = 0 is the only NaN, and it reaches the other slices through dx's sums.
     (faults.NanLeaksAcrossSlices, "constant-slice-eps0", "grad_input"),
+    (faults.NanLeaksAcrossSlices, "nan-element", "grad_input"),
+    (faults.NanLeaksAcrossSlices, "inf-element", "grad_input"),
     (faults.UnbiasedVarianceInBackward, "random-1d", "grad_input"),
     (faults.UnbiasedVarianceInBackward, "random-3d", "grad_input"),
     (faults.UnbiasedVarianceInBackward, "eps1e-3", "grad_input"),
