@@ -317,8 +317,10 @@ def _toml_value(value: object) -> str:
     if isinstance(value, datetime.date):
         return value.isoformat()
     if isinstance(value, str):
-        # A JSON string literal is a valid TOML basic string.
-        return json.dumps(value)
+        # JSON's escapes are TOML's, except two: ASCII-only output would write
+        # characters beyond the BMP as surrogate pairs, which TOML rejects, and
+        # JSON leaves DEL unescaped, which TOML forbids.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -250,3 +250,10 @@ def test_update_round_trip(tmp_path):
             new.link,
             new.versions,
         )
+
+
+def test_written_strings_survive_toml():
+    text = 'quote " backslash \\ tab \t newline \n emoji \U0001f600 del \x7f'
+    line = deviations._toml_value(text)
+    parsed = deviations.tomllib.loads(f"value = {line}\n")
+    assert parsed["value"] == text
