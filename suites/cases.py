@@ -348,6 +348,15 @@ CATALOGUE: tuple[Case, ...] = (
         (1, 2, 512, 512),
         x=Normal(1.0, 1.0),
     ),
+    Case(
+        "long-reduction-dy-mean",
+        "conditioning",
+        "M = 512 * 512 elements per slice, offset 1, upstream gradient with mean 1: "
+        "the parameter gradients' sums share a sign and grow with M",
+        (1, 2, 512, 512),
+        x=Normal(1.0, 1.0),
+        grad_output=Normal(1.0, 1.0),
+    ),
     Case("eps0", "eps", "eps = 0 on well-conditioned normal x", (2, 3, 6, 6), eps=0.0),
     Case("eps1e-3", "eps", "eps = 1e-3", (2, 3, 6, 6), eps=1e-3),
     Case("eps1e-12", "eps", "eps = 1e-12", (2, 3, 6, 6), eps=1e-12),

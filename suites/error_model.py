@@ -44,11 +44,27 @@ QUANTITIES = ("output", "grad_input", "grad_gamma", "grad_beta")
 # long-reduction case (L = 2^18, 1284 u budget): SerialSumKernel in tests/faults.py
 # 535 u over 10 seeds, MXNet 1.9.1 and TensorFlow 2.21.0 float32 CPU kernels 584 u
 # at most over 30 seeds, torch 2.13.0 float64 batch_norm 236 u (docs/error-model.md).
-# NOTE: the float16 and bfloat16 entries have not been calibrated against a framework.
 BASE = 4.0
 GROWTH = 2.5
+# float16 and bfloat16 kernels accumulate in float32: a serial float16 sum stops
+# growing at 2048 and a bfloat16 one at 256, so a half-precision accumulator is a
+# defect (tests/faults.py has two). Their budgets admit float32 accumulation, the
+# float32 growth expressed in half-precision units, plus a larger base for the
+# several results that such kernels store in the half dtype (docs/calibration.md).
+HALF_BASE = 5.0
 BUDGET: dict[str, dict[str, tuple[float, float]]] = {
-    quantity: {dtype: (BASE, GROWTH) for dtype in dtypes.DTYPES}
+    quantity: {
+        "float64": (BASE, GROWTH),
+        "float32": (BASE, GROWTH),
+        "float16": (
+            HALF_BASE,
+            GROWTH * dtypes.UNIT_ROUNDOFF["float32"] / dtypes.UNIT_ROUNDOFF["float16"],
+        ),
+        "bfloat16": (
+            HALF_BASE,
+            GROWTH * dtypes.UNIT_ROUNDOFF["float32"] / dtypes.UNIT_ROUNDOFF["bfloat16"],
+        ),
+    }
     for quantity in QUANTITIES
 }
 
@@ -177,6 +193,12 @@ def compare(
         return Comparison(0.0, limit, None, None, None, False)
 
     errors = normalized_errors(got, expected, scale, units or dtype)
+    # An exact value beyond the dtype's range rounds to an infinity, which is then
+    # the one correct result (sum(dy) over 2^18 elements overflows float16).
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = dtypes.round_to(normalization.as_float64(expected), dtype)
+        overflowed = np.isinf(rounded) & np.isfinite(expected)
+        errors = np.where(overflowed & (np.asarray(got) == rounded), 0.0, errors)
     flat = int(np.argmax(errors))
     index = tuple(int(i) for i in np.unravel_index(flat, errors.shape))
     got_value = float(np.asarray(got, dtype=np.float64)[index])

@@ -123,3 +123,19 @@ def test_large_mean_scale_covers_mean_rounding():
     perturbed = (x - shifted_mean) * expected.rstd
     error = errors(perturbed, expected.output, scale)
     assert np.max(error) <= 1.0
+
+
+def test_exact_value_beyond_range_expects_infinity():
+    expected = np.array([261909.18, 1.0])
+    scale = np.array([262144.0, 1.0])
+    shape = (1, 2, 512, 512)
+    inf_result = np.array([np.inf, 1.0], dtype=np.float16)
+    finite_result = np.array([65504.0, 1.0], dtype=np.float16)
+    accepted = error_model.compare(
+        "grad_beta", inf_result, expected, scale, "float16", shape
+    )
+    rejected = error_model.compare(
+        "grad_beta", finite_result, expected, scale, "float16", shape
+    )
+    assert accepted.within_budget
+    assert not rejected.within_budget
