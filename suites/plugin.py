@@ -20,7 +20,7 @@ from suites import cases, deviations, dtypes, report
 from suites.verdicts import Item
 
 SUITES_DIR = Path(__file__).resolve().parent
-DEFAULT_DTYPES = ("float32", "float64")
+DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECORDS_KEY = "normconf_records"
 
 
