@@ -36,6 +36,9 @@ REPLACEABLE = ("fail", "rejected")
 REQUIRED = ("framework", "versions", "reason", "link", "date")
 STRING_LISTS = ("items", "implementations", "cases", "devices", "dtypes", "quantities")
 OPTIONAL = (*STRING_LISTS, "verdicts", "message", "max_error", "intermittent")
+# Drafts written by --update-deviations start their reason and link with this; the
+# loader rejects such entries until a person has written both.
+DRAFT_MARK = "TODO"
 FILE_HEADER = """\
 # Known differences between a framework and the exact answer, each with evidence.
 # A matching `fail` (or, where `verdicts` says so, `rejected`) record becomes
@@ -190,6 +193,13 @@ def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
     for key in ("framework", "versions", "reason", "link"):
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise DeviationsError(f"{where}: {key} must be a non-empty string")
+    for key in ("reason", "link"):
+        if entry[key].strip().startswith(DRAFT_MARK):
+            # A draft from --update-deviations must not pass failures unreviewed.
+            raise DeviationsError(
+                f"{where}: {key} is still the draft's {DRAFT_MARK!r}; write the "
+                "reason and the evidence, or delete the entry"
+            )
     try:
         versions = SpecifierSet(entry["versions"])
     except InvalidSpecifier as error:
@@ -326,8 +336,18 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def _comment_text(text: str) -> str:
+    """Return text safe for one TOML comment line: control characters escaped."""
+    return "".join(
+        character
+        if character.isprintable() or character == " "
+        else repr(character)[1:-1]
+        for character in " ".join(text.split())
+    )
+
+
 def _entry_lines(fields: dict, comments: Iterable[str] = ()) -> list[str]:
-    lines = [f"# {comment}" for comment in comments]
+    lines = [f"# {_comment_text(comment)}" for comment in comments]
     lines.append("[[deviation]]")
     for key, value in fields.items():
         if value is not None:
@@ -397,8 +417,8 @@ def draft_entries(
                         None if draft["verdicts"] == ["fail"] else draft["verdicts"]
                     ),
                     "date": today,
-                    "reason": "TODO: explain the difference, with evidence",
-                    "link": "TODO: link the evidence",
+                    "reason": f"{DRAFT_MARK}: explain the difference, with evidence",
+                    "link": f"{DRAFT_MARK}: link the evidence",
                 },
             }
         )
@@ -411,14 +431,21 @@ def write_updated(
     stale: list[Deviation],
     unexercised: list[Deviation],
     drafts: list[dict],
+    outgrown: list[Deviation] = (),
 ) -> None:
     """Write the entries back with this run's findings marked, then the drafts."""
     stale_indexes = {entry.index for entry in stale}
     unexercised_indexes = {entry.index for entry in unexercised}
+    outgrown_indexes = {entry.index for entry in outgrown}
     blocks = [FILE_HEADER.rstrip("\n")]
     for entry in entries:
         comments = []
-        if entry.index in stale_indexes:
+        if entry.index in outgrown_indexes:
+            comments.append(
+                "OUTGROWN in this run: its items failed beyond its message or "
+                "max_error; the difference changed, so check it before widening"
+            )
+        elif entry.index in stale_indexes:
             comments.append("STALE in this run: its items ran and none matched")
         elif entry.index in unexercised_indexes:
             comments.append("not exercised in this run: no record in its selection")

@@ -32,6 +32,27 @@ DTYPES = tuple(UNIT_ROUNDOFF)
 # (so u = 2^-11), used by tensor-core math modes.
 COMPUTE_UNIT_ROUNDOFF = {**UNIT_ROUNDOFF, "tfloat32": 2.0**-11}
 
+# The coarser formats that may set a result's units, by tested dtype. Only a math
+# mode of the hardware qualifies: a kernel that computes float32 input in float16 is
+# less accurate than float32, and that is what the suite must report.
+COARSER_COMPUTE = {"float32": ("tfloat32",)}
+
+
+def compute_dtype_problem(tested: str, computed: str | None) -> str | None:
+    """Return why a declared compute format is not acceptable, or None."""
+    if computed is None:
+        return None
+    if computed not in COMPUTE_UNIT_ROUNDOFF:
+        known = ", ".join(COMPUTE_UNIT_ROUNDOFF)
+        return f"Result.compute_dtype {computed!r} is not one of {known}"
+    coarser = COMPUTE_UNIT_ROUNDOFF[computed] > UNIT_ROUNDOFF[tested]
+    if coarser and computed not in COARSER_COMPUTE.get(tested, ()):
+        return (
+            f"Result.compute_dtype {computed!r} is coarser than the tested {tested}; "
+            "only tfloat32 on float32 input may set coarser units"
+        )
+    return None
+
 
 def judging_dtype(tested: str, computed: str | None) -> str:
     """Return the dtype whose unit roundoff measures a result's error.

@@ -45,17 +45,17 @@ class State:
     deviations: list[deviations.Deviation]
     records: list[dict]
 
-    def deviation_status(
-        self,
-    ) -> tuple[list[deviations.Deviation], list[deviations.Deviation]]:
-        """Return (stale, unexercised) entries for the frameworks that ran.
+    def deviation_status(self) -> DeviationStatus:
+        """Sort the entries for the frameworks that ran by what this run showed.
 
         Stale: records in the entry's selection ran and none matched it (an
-        intermittent entry is never stale). Unexercised: no record in its selection
-        ran, as when it names an implementation the adapter does not declare.
+        intermittent entry is never stale). Outgrown: a record in its selection
+        failed with an expected verdict but beyond its message or max_error.
+        Unexercised: no record in its selection ran, as when it names an
+        implementation the adapter does not declare.
         """
         versions = {adapter.framework: adapter.version() for adapter in self.adapters}
-        stale, unexercised = [], []
+        status = DeviationStatus()
         for entry in self.deviations:
             version = versions.get(entry.framework)
             if version is None or not deviations.version_matches(
@@ -65,11 +65,27 @@ class State:
             covered = [r for r in self.records if entry.covers(r, version)]
             ran = [r for r in covered if r["verdict"] != "unsupported"]
             used = [r for r in covered if r.get("deviation") == entry.index]
+            beyond = [
+                r
+                for r in covered
+                if not r["conforming"] and r["verdict"] in entry.verdicts
+            ]
             if not ran:
-                unexercised.append(entry)
+                status.unexercised.append(entry)
+            elif beyond:
+                status.outgrown.append(entry)
             elif not used and not entry.intermittent:
-                stale.append(entry)
-        return stale, unexercised
+                status.stale.append(entry)
+        return status
+
+
+@dataclass
+class DeviationStatus:
+    """The deviation entries that a run's records call into question."""
+
+    stale: list = dataclasses.field(default_factory=list)
+    outgrown: list = dataclasses.field(default_factory=list)
+    unexercised: list = dataclasses.field(default_factory=list)
 
 
 state_key = pytest.StashKey[State]()
@@ -422,10 +438,17 @@ def _write_updated_deviations(config: pytest.Config, state: State) -> None:
     path = config.getoption("update_deviations")
     if not path:
         return
-    stale, unexercised = state.deviation_status()
+    status = state.deviation_status()
     versions = {adapter.framework: adapter.version() for adapter in state.adapters}
     drafts = deviations.draft_entries(state.records, versions, datetime.date.today())
-    deviations.write_updated(Path(path), state.deviations, stale, unexercised, drafts)
+    deviations.write_updated(
+        Path(path),
+        state.deviations,
+        status.stale,
+        status.unexercised,
+        drafts,
+        status.outgrown,
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -443,9 +466,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.getoption("seed"),
         report.main_command(),
     )
-    stale, unexercised = state.deviation_status()
-    document["stale_deviations"] = [entry.describe() for entry in stale]
-    document["unexercised_deviations"] = [entry.describe() for entry in unexercised]
+    status = state.deviation_status()
+    document["stale_deviations"] = [entry.describe() for entry in status.stale]
+    document["outgrown_deviations"] = [entry.describe() for entry in status.outgrown]
+    document["unexercised_deviations"] = [
+        entry.describe() for entry in status.unexercised
+    ]
     report.write(document, Path(path))
 
 
@@ -466,12 +492,17 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line("rejected and deviating items:")
         for line in notable:
             terminalreporter.write_line(f"  {line}")
-    stale, unexercised = state.deviation_status()
-    for entry in stale:
+    status = state.deviation_status()
+    for entry in status.stale:
         terminalreporter.write_line(
             f"stale: {entry.describe()} matched no record although its items ran"
         )
-    for entry in unexercised:
+    for entry in status.outgrown:
+        terminalreporter.write_line(
+            f"outgrown: {entry.describe()} has items that failed beyond its message "
+            "or max_error"
+        )
+    for entry in status.unexercised:
         terminalreporter.write_line(
             f"unexercised: {entry.describe()} selected no record that ran"
         )

@@ -212,12 +212,8 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
         return [item.record(q, "error", False, message) for q in quantities]
 
     eps, problem = received_eps(case.eps, result.eps)
-    if problem is None and result.compute_dtype is not None:
-        if result.compute_dtype not in dtypes.COMPUTE_UNIT_ROUNDOFF:
-            known = ", ".join(dtypes.COMPUTE_UNIT_ROUNDOFF)
-            problem = (
-                f"Result.compute_dtype {result.compute_dtype!r} is not one of {known}"
-            )
+    if problem is None:
+        problem = dtypes.compute_dtype_problem(dtype, result.compute_dtype)
     if problem is not None:
         return [item.record(q, "error", False, problem) for q in quantities]
     units = dtypes.judging_dtype(dtype, result.compute_dtype)
@@ -269,6 +265,9 @@ def _record_comparison(
         message = f"{quantity}: empty, nothing to compare"
     else:
         where = ", ".join(str(i) for i in comparison.index)
+        if item.case.layout == "channels_last" and quantity in ("output", "grad_input"):
+            # Indexes are in (N, C, *spatial) order, whatever the layout.
+            where += " in (N, C, ...) order"
         relation = "<=" if comparison.within_budget else ">"
         error_text = (
             "a non-finite mismatch"

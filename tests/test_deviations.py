@@ -237,6 +237,13 @@ def test_update_round_trip(tmp_path):
     assert len(drafts) == 1
     target = tmp_path / "updated.toml"
     deviations.write_updated(target, entries, entries[:1], entries[1:2], drafts)
+    # Drafts load only once a person has written their reason and link.
+    with pytest.raises(deviations.DeviationsError, match="draft"):
+        deviations.load(target)
+    target.write_text(
+        target.read_text(encoding="utf-8").replace("TODO", "written"),
+        encoding="utf-8",
+    )
     reloaded = deviations.load(target)
     assert len(reloaded) == len(entries) + 1
     assert reloaded[-1].items == ("torch-group-norm-cpu-float32-random-2d",)
@@ -257,3 +264,22 @@ def test_written_strings_survive_toml():
     line = deviations._toml_value(text)
     parsed = deviations.tomllib.loads(f"value = {line}\n")
     assert parsed["value"] == text
+
+
+def test_draft_entries_are_rejected_until_written(tmp_path):
+    text = ENTRY.replace('reason = "a reason"', 'reason = "TODO: explain"')
+    with pytest.raises(deviations.DeviationsError, match="still the draft's 'TODO'"):
+        deviations.load(write(tmp_path, text))
+
+
+def test_comments_escape_control_characters(tmp_path):
+    failing = record(message="\x1b[31mred\x1b[0m \x00 \x7f done")
+    drafts = deviations.draft_entries(
+        [failing], {"torch": "2.13.0"}, deviations.datetime.date(2026, 12, 4)
+    )
+    target = tmp_path / "updated.toml"
+    deviations.write_updated(target, [], [], [], drafts)
+    text = target.read_text(encoding="utf-8")
+    parsed = deviations.tomllib.loads(text)
+    assert len(parsed["deviation"]) == 1
+    assert "\\x1b[31mred" in text

@@ -499,8 +499,41 @@ def test_update_deviations_drafts_failing_items(tmp_path):
     )
     assert completed.returncode == 1
     assert "deviations for review:" in completed.stdout
+    text = updated.read_text(encoding="utf-8")
+    assert "TODO" in text
+    with pytest.raises(deviations.DeviationsError, match="draft"):
+        deviations.load(updated)
+    updated.write_text(text.replace("TODO", "written"), encoding="utf-8")
     drafts = deviations.load(updated)
     assert [entry.items for entry in drafts] == [
         ("fault-one-pass-variance-kernel-cpu-float32-large-mean-1e4",)
     ]
-    assert "TODO" in drafts[0].reason
+
+
+def test_entry_beyond_its_bound_is_outgrown_not_stale(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text(
+        "[[deviation]]\n"
+        'framework = "fault-one-pass-variance"\n'
+        'versions = ">=1"\n'
+        "date = 2026-12-04\n"
+        'implementations = ["kernel"]\n'
+        'cases = ["large-mean-1e6"]\n'
+        "max_error = 10\n"
+        'reason = "bounded for a test"\n'
+        'link = "tests/test_suite_run.py"\n',
+        encoding="utf-8",
+    )
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e6",
+        f"--deviations={entries}",
+        f"--report={report}",
+    )
+    assert completed.returncode == 1
+    document = read_report(report)
+    assert document["stale_deviations"] == []
+    assert len(document["outgrown_deviations"]) == 1
+    assert "outgrown: deviation #1" in completed.stdout

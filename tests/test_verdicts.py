@@ -353,3 +353,12 @@ def test_unknown_compute_dtype_is_error():
     records = verdicts(adapter, "random-2d")
     assert {r.verdict for r in records.values()} == {"error"}
     assert "compute_dtype 'float8'" in records["output"].message
+
+
+@pytest.mark.parametrize("declared", ["float16", "bfloat16"])
+def test_coarser_non_tf32_compute_dtype_is_error(declared):
+    adapter = DeclaresComputeDtype()
+    adapter.declared = declared
+    records = verdicts(adapter, "random-2d")
+    assert {r.verdict for r in records.values()} == {"error"}
+    assert "only tfloat32 on float32 input" in records["output"].message
