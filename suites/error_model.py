@@ -125,6 +125,10 @@ def scales(
         result = {
             "output": abs_gamma * s + abs_beta,
             "grad_input": expected.rstd / m * (m * abs_g + sum_abs_g + product_scale),
+            # NOTE: this bound treats the mean's error as independent per element.
+            # It is one error per slice, so for zero-mean dy the true first-order
+            # error grows like |sum(dy)|, not sum(|dy|): at large means a grad_gamma
+            # off by 0.5 * sum(dy) still passes (docs/error-model.md).
             "grad_gamma": np.sum(np.abs(dy) * s, axis=shared),
             "grad_beta": np.sum(np.abs(dy), axis=shared),
         }
