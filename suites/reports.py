@@ -1,0 +1,637 @@
+"""Merge normconf JSON reports and render a report as Markdown.
+
+    python -m suites.reports merge reports/torch.json reports/mxnet.json \\
+        --output reports/merged.json
+    python -m suites.reports merge reports --output reports/merged.json
+    python -m suites.reports markdown reports/merged.json --output reports/summary.md
+
+`merge` reads reports written by `pytest suites --report PATH` (schema
+`normconf-report`) or by an earlier merge (schema `normconf-merged-report`) and writes
+one merged report. A folder argument means every *.json file directly inside it
+except merged reports, so that a merge into that folder can run again. `markdown`
+reads either kind of report and writes a summary for a CI job page.
+
+Both commands exit with status 2, and an error naming the file, when an input cannot
+be read, is not a normconf report, has an unknown schema version, or repeats a record
+that another input contains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from suites import cases, report
+from suites.verdicts import VERDICTS
+
+MERGED_SCHEMA = "normconf-merged-report"
+MERGED_SCHEMA_VERSION = 1
+# The schema versions this module reads, per schema.
+KNOWN_VERSIONS = {
+    report.SCHEMA: (report.SCHEMA_VERSION,),
+    MERGED_SCHEMA: (MERGED_SCHEMA_VERSION,),
+}
+# The fields that identify a record: no two inputs of a merge may share a record.
+RECORD_KEY = ("framework", "implementation", "device", "dtype", "case", "quantity")
+# The lists of deviation entries that a run called into question (suites/plugin.py).
+# Reports written before a list existed lack it, and it reads as empty.
+DEVIATION_LISTS = ("stale_deviations", "outgrown_deviations", "unexercised_deviations")
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+ERROR_STATUS = 2
+
+
+class ReportError(Exception):
+    """An input that cannot be merged or rendered, or an output that cannot be
+    written. The message names the file."""
+
+
+@dataclass
+class Loaded:
+    """One input file: its sources (one for a single-run report) keyed by name, and
+    its records, each with a `source` field naming its entry in `sources`."""
+
+    name: str
+    merged: bool
+    sources: dict[str, dict]
+    results: list[dict]
+
+
+def display_name(path: Path) -> str:
+    """Return `path` relative to the working directory when it lies inside it, so
+    that a merged report names its sources the same way on every machine."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(
+        f"the literal {name} is not strict JSON. normconf reports write non-finite "
+        'numbers as the strings "NaN", "Infinity" and "-Infinity"'
+    )
+
+
+def read_json(path: Path, name: str) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise ReportError(f"{name}: file not found") from error
+    except UnicodeDecodeError as error:
+        raise ReportError(f"{name}: not a JSON file (not UTF-8 text)") from error
+    except OSError as error:
+        raise ReportError(f"{name}: cannot read the file: {error}") from error
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:
+        raise ReportError(f"{name}: not a JSON file: {error}") from error
+
+
+def _check_schema(document: object, name: str) -> str:
+    """Return the document's schema, or raise unless it is a known normconf one."""
+    if not isinstance(document, dict) or document.get("schema") not in KNOWN_VERSIONS:
+        found = document.get("schema") if isinstance(document, dict) else None
+        raise ReportError(
+            f"{name}: not a normconf report (schema {found!r}; expected "
+            f"{report.SCHEMA!r} or {MERGED_SCHEMA!r})"
+        )
+    schema = document["schema"]
+    version = document.get("schema_version")
+    if type(version) is not int or version not in KNOWN_VERSIONS[schema]:
+        known = ", ".join(str(v) for v in KNOWN_VERSIONS[schema])
+        raise ReportError(
+            f"{name}: unknown schema_version {version!r} of {schema}; this normconf "
+            f"reads version {known}, so merge it with the normconf that wrote it"
+        )
+    return schema
+
+
+def _is_report_number(value: object) -> bool:
+    if value is None or (isinstance(value, str) and value in NON_FINITE):
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_record(record: object, index: int, name: str) -> None:
+    where = f"{name}: results[{index}]"
+    if not isinstance(record, dict):
+        raise ReportError(f"{where} is not a JSON object")
+    for field in (*RECORD_KEY, "verdict", "message"):
+        if not isinstance(record.get(field), str):
+            raise ReportError(f"{where}: field {field!r} is missing or not a string")
+    if record["verdict"] not in VERDICTS:
+        raise ReportError(
+            f"{where}: unknown verdict {record['verdict']!r} "
+            f"(known: {', '.join(VERDICTS)})"
+        )
+    if not isinstance(record.get("conforming"), bool):
+        raise ReportError(f"{where}: field 'conforming' is missing or not a boolean")
+    for field in ("error", "budget"):
+        if not _is_report_number(record.get(field)):
+            raise ReportError(
+                f"{where}: field {field!r} is {record.get(field)!r}, not a number, "
+                'null, "NaN", "Infinity" or "-Infinity"'
+            )
+
+
+def _source_entry(document: dict, name: str, where: str) -> dict:
+    """Return the parts of a single-run report that describe its run."""
+    environment = document.get("environment")
+    if not isinstance(environment, dict) or not isinstance(
+        environment.get("frameworks"), dict
+    ):
+        raise ReportError(f"{where}: 'environment.frameworks' is missing")
+    entry = {
+        "schema": report.SCHEMA,
+        "schema_version": report.SCHEMA_VERSION,
+        "created": document.get("created"),
+        "environment": environment,
+        "summary": document.get("summary"),
+    }
+    for key in DEVIATION_LISTS:
+        entries = document.get(key, [])
+        if not isinstance(entries, list):
+            raise ReportError(f"{where}: {key!r} is not a list")
+        entry[key] = entries
+    return entry
+
+
+def _results(document: dict, name: str) -> list[dict]:
+    results = document.get("results")
+    if not isinstance(results, list):
+        raise ReportError(f"{name}: 'results' is missing or not a list")
+    for index, record in enumerate(results):
+        _check_record(record, index, name)
+    return results
+
+
+def load(path: Path) -> Loaded:
+    """Read and check one report of either schema."""
+    name = display_name(path)
+    document = read_json(path, name)
+    schema = _check_schema(document, name)
+    results = _results(document, name)
+    if schema == report.SCHEMA:
+        sources = {name: _source_entry(document, name, name)}
+        records = [{**record, "source": name} for record in results]
+        return Loaded(name, merged=False, sources=sources, results=records)
+
+    stored = document.get("sources")
+    if not isinstance(stored, dict) or not stored:
+        raise ReportError(f"{name}: 'sources' is missing or empty")
+    sources = {}
+    for source, entry in stored.items():
+        if not isinstance(entry, dict):
+            raise ReportError(f"{name}: sources[{source!r}] is not a JSON object")
+        sources[source] = _source_entry(entry, source, f"{name}: sources[{source!r}]")
+    for index, record in enumerate(results):
+        if record.get("source") not in sources:
+            raise ReportError(
+                f"{name}: results[{index}] names the source {record.get('source')!r}, "
+                "which is not in 'sources'"
+            )
+    return Loaded(name, merged=True, sources=sources, results=list(results))
+
+
+def expand_inputs(arguments: Iterable[str]) -> list[Path]:
+    """Return the files that the command-line arguments name.
+
+    A folder means every *.json file directly inside it, in name order, except
+    merged reports. A file named explicitly is always read.
+    """
+    paths = []
+    for argument in arguments:
+        path = Path(argument)
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        single_run = []
+        for file in sorted(path.glob("*.json")):
+            if _is_merged(file):
+                print(
+                    f"skipping the merged report {display_name(file)}; name it "
+                    "explicitly to merge it",
+                    file=sys.stderr,
+                )
+            else:
+                single_run.append(file)
+        if not single_run:
+            raise ReportError(
+                f"{display_name(path)}: the folder contains no single-run report "
+                "(*.json)"
+            )
+        paths.extend(single_run)
+    return paths
+
+
+def _is_merged(path: Path) -> bool:
+    try:
+        document = read_json(path, display_name(path))
+    except ReportError:
+        return False  # load() reports the problem with the file.
+    return isinstance(document, dict) and document.get("schema") == MERGED_SCHEMA
+
+
+def _record_key(record: dict) -> tuple[str, ...]:
+    return tuple(record[field] for field in RECORD_KEY)
+
+
+def _describe_key(key: Sequence[str]) -> str:
+    return (
+        "("
+        + ", ".join(
+            f"{field} {value}" for field, value in zip(RECORD_KEY, key, strict=True)
+        )
+        + ")"
+    )
+
+
+def _origin(loaded: Loaded, source: str) -> str:
+    if loaded.merged:
+        return f"{loaded.name} (source {source})"
+    return loaded.name
+
+
+def merge(inputs: Sequence[Loaded]) -> dict:
+    """Combine loaded reports into one merged report document.
+
+    Raises ReportError when two inputs, or one input twice, contain a record with
+    the same RECORD_KEY. A source name that an earlier input already uses gets the
+    name of its merged file as a prefix.
+    """
+    sources: dict[str, dict] = {}
+    results: list[dict] = []
+    seen: dict[tuple[str, ...], str] = {}
+    for loaded in inputs:
+        renamed = {}
+        for source, entry in loaded.sources.items():
+            new_name = source
+            if new_name in sources:
+                new_name = f"{loaded.name}:{source}"
+            if new_name in sources:
+                raise ReportError(
+                    f"{loaded.name}: the source name {source!r} is already used by "
+                    "another input; rename one of the report files"
+                )
+            renamed[source] = new_name
+            sources[new_name] = entry
+        for record in loaded.results:
+            key = _record_key(record)
+            origin = _origin(loaded, record["source"])
+            if seen.get(key) == origin:
+                raise ReportError(
+                    f"{origin}: contains the record {_describe_key(key)} twice"
+                )
+            if key in seen:
+                raise ReportError(
+                    f"the record {_describe_key(key)} is in both {seen[key]} and "
+                    f"{origin}; merge each run's report once"
+                )
+            seen[key] = origin
+            results.append({**record, "source": renamed[record["source"]]})
+
+    results.sort(key=lambda record: (*_record_key(record), record["source"]))
+    counts = Counter(record["verdict"] for record in results)
+    return {
+        "schema": MERGED_SCHEMA,
+        "schema_version": MERGED_SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sources": sources,
+        "summary": {verdict: counts.get(verdict, 0) for verdict in VERDICTS},
+        "results": results,
+    }
+
+
+def load_all(paths: Sequence[Path]) -> list[Loaded]:
+    """Load each file, rejecting a file given twice under any spelling."""
+    loaded = []
+    seen_paths: dict[Path, str] = {}
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen_paths:
+            raise ReportError(
+                f"{display_name(path)}: given twice (also as {seen_paths[resolved]}); "
+                "merge each run's report once"
+            )
+        seen_paths[resolved] = str(path)
+        loaded.append(load(path))
+    return loaded
+
+
+# Markdown rendering.
+
+VERDICT_LABELS = {
+    "pass": "pass",
+    "fail": "fail",
+    "rejected": "rej",
+    "unsupported": "unsup",
+    "deviation": "dev",
+    "error": "err",
+}
+UNKNOWN_GROUP = "other"
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")
+
+
+def escape(text: object) -> str:
+    """Return `text` on one line, with Markdown and HTML syntax escaped, so that a
+    message renders as written inside a list item or a table cell."""
+    one_line = " ".join(str(text).split())
+    return MARKDOWN_SPECIAL.sub(r"\\\1", one_line)
+
+
+def _code(text: str) -> str:
+    return "`" + text.replace("`", "'") + "`"
+
+
+def to_float(value: object) -> float | None:
+    """Return a report number as a float: None stays None, "NaN" becomes nan."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return NON_FINITE[value]
+    return float(value)
+
+
+def headroom(record: dict) -> float | None:
+    """Return error / budget, or None unless the record has both numbers, a finite
+    positive budget and an error that is not NaN. An infinite error (a non-finite
+    mismatch) gives inf."""
+    error = to_float(record.get("error"))
+    budget = to_float(record.get("budget"))
+    if error is None or budget is None or math.isnan(error):
+        return None
+    if not math.isfinite(budget) or budget <= 0:
+        return None
+    return abs(error) / budget
+
+
+def case_group(case_name: str) -> str:
+    try:
+        return cases.by_name(case_name).group
+    except KeyError:
+        return UNKNOWN_GROUP
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(" --- " for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _format_counts(counts: Counter) -> str:
+    parts = [
+        f"{counts[verdict]} {VERDICT_LABELS[verdict]}"
+        for verdict in VERDICTS
+        if counts[verdict]
+    ]
+    return " · ".join(parts)
+
+
+def _format_ratio(ratio: float) -> str:
+    return "inf" if math.isinf(ratio) else f"{ratio:.3g}"
+
+
+def _framework_rows(sources: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for source, entry in sources.items():
+        frameworks = entry["environment"]["frameworks"]
+        for framework, details in sorted(frameworks.items()):
+            if not isinstance(details, dict):
+                continue
+            if "missing" in details:
+                version = "not installed"
+                devices = escape(details["missing"])
+            else:
+                version = escape(details.get("version", "?"))
+                devices = ", ".join(
+                    escape(device.get("name", "?"))
+                    + ("" if device.get("available", True) else " (unavailable)")
+                    for device in details.get("devices", [])
+                    if isinstance(device, dict)
+                )
+            modes = details.get("math_modes") or {}
+            settings = ", ".join(f"{escape(k)} = {escape(v)}" for k, v in modes.items())
+            rows.append([escape(framework), version, devices, settings, escape(source)])
+    return rows
+
+
+def _source_rows(sources: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for source, entry in sources.items():
+        environment = entry["environment"]
+        rows.append(
+            [
+                escape(source),
+                escape(entry.get("created") or ""),
+                escape(environment.get("python", "?")),
+                escape(environment.get("numpy", "?")),
+                escape(environment.get("platform", "?")),
+                escape(environment.get("seed", "?")),
+            ]
+        )
+    return rows
+
+
+def _matrix_lines(results: list[dict]) -> list[str]:
+    catalogue_order = list(dict.fromkeys(case.group for case in cases.CATALOGUE))
+    present = {case_group(record["case"]) for record in results}
+    groups = [group for group in [*catalogue_order, UNKNOWN_GROUP] if group in present]
+
+    counts: dict[tuple[str, str], Counter] = {}
+    worst: dict[tuple[str, str], float] = {}
+    for record in results:
+        row = f"{record['framework']}/{record['implementation']}"
+        cell = (row, case_group(record["case"]))
+        counts.setdefault(cell, Counter())[record["verdict"]] += 1
+        ratio = headroom(record)
+        if ratio is not None:
+            worst[cell] = max(ratio, worst.get(cell, ratio))
+
+    rows = []
+    for row in sorted({row for row, _ in counts}):
+        cells = [escape(row)]
+        for group in groups:
+            text = _format_counts(counts.get((row, group), Counter()))
+            if (row, group) in worst:
+                text += f"<br>worst {_format_ratio(worst[row, group])}"
+            cells.append(text)
+        rows.append(cells)
+    header = ["framework/implementation", *(escape(group) for group in groups)]
+    return _table(header, rows)
+
+
+def _item_line(record: dict) -> str:
+    item = " ".join(
+        [f"{record['framework']}/{record['implementation']}"]
+        + [record[field] for field in ("device", "dtype", "case", "quantity")]
+    )
+    return f"- {_code(item)}: {record['verdict']}: {escape(record['message'])}"
+
+
+def render_markdown(document: dict) -> str:
+    """Return the Markdown summary of a merged report document.
+
+    NOTE: the failure and deviation lists keep every record and whole messages, so
+    a run with many failures gives a long page. The GitHub Actions runner rejects a
+    step summary over 1024 KiB ("$GITHUB_STEP_SUMMARY upload aborted").
+    """
+    sources = document["sources"]
+    results = document["results"]
+    summary = document["summary"]
+    failures = [record for record in results if not record["conforming"]]
+    deviations = [record for record in results if record["verdict"] == "deviation"]
+
+    lines = ["# normconf conformance summary", ""]
+    lines += _table(
+        ["framework", "version", "devices", "math modes", "report"],
+        _framework_rows(sources),
+    )
+    lines += [""]
+    lines += _table(
+        ["report", "created", "Python", "NumPy", "platform", "seed"],
+        _source_rows(sources),
+    )
+    lines += ["", "## Totals", ""]
+    lines += [
+        "Records per verdict, one record per (implementation, device, dtype, case, "
+        "quantity):",
+        "",
+    ]
+    lines += _table(list(VERDICTS), [[str(summary[verdict]) for verdict in VERDICTS]])
+
+    lines += ["", "## Verdicts by case group", ""]
+    legend = ", ".join(
+        f"{label} = {verdict}" for verdict, label in VERDICT_LABELS.items()
+    )
+    lines += [
+        f"Records per verdict ({legend}). `worst` is the largest error / budget among "
+        "the cell's records that have both numbers: above 1 is outside the budget, "
+        "and inf is a NaN or infinity where a finite value was expected.",
+        "",
+    ]
+    lines += _matrix_lines(results) if results else ["No records."]
+
+    lines += ["", f"## Failures ({len(failures)})", ""]
+    lines += [_item_line(record) for record in failures] or ["None."]
+    lines += ["", f"## Deviations ({len(deviations)})", ""]
+    lines += [_item_line(record) for record in deviations] or ["None."]
+
+    review = [
+        f"- {escape(source)}: {key.removesuffix('_deviations')}: {escape(entry)}"
+        for source, details in sources.items()
+        for key in DEVIATION_LISTS
+        for entry in details[key]
+    ]
+    if review:
+        lines += ["", "## Deviation entries to review", ""]
+        lines += [
+            "Stale entries matched no record although their items ran; outgrown "
+            "ones have items that failed beyond their message or max_error; "
+            "unexercised ones selected no record that ran.",
+            "",
+        ]
+        lines += review
+    return "\n".join(lines) + "\n"
+
+
+# Command line.
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise ReportError(
+            f"{display_name(path)}: cannot write the file: {error}"
+        ) from error
+
+
+def command_merge(arguments: argparse.Namespace) -> None:
+    inputs = load_all(expand_inputs(arguments.reports))
+    document = merge(inputs)
+    try:
+        report.write(document, arguments.output)
+    except OSError as error:
+        raise ReportError(
+            f"{display_name(arguments.output)}: cannot write the file: {error}"
+        ) from error
+    print(
+        f"merged {len(document['results'])} records from {len(inputs)} reports "
+        f"into {display_name(arguments.output)}",
+        file=sys.stderr,
+    )
+
+
+def command_markdown(arguments: argparse.Namespace) -> None:
+    document = merge([load(arguments.report)])
+    _write_text(arguments.output, render_markdown(document))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m suites.reports",
+        description="Merge normconf JSON reports, or render one as Markdown.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge_parser = commands.add_parser(
+        "merge",
+        help="merge reports into one merged report",
+        description="Merge normconf reports (single-run or merged) into one merged "
+        "report. A folder means every *.json file directly inside it except "
+        "merged reports.",
+    )
+    merge_parser.add_argument(
+        "reports", nargs="+", metavar="REPORT", help="report file or folder"
+    )
+    merge_parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="merged report to write",
+    )
+    merge_parser.set_defaults(run=command_merge)
+
+    markdown_parser = commands.add_parser(
+        "markdown",
+        help="write a Markdown summary of a report",
+        description="Write a Markdown summary of a single-run or merged report, "
+        "for a CI job summary.",
+    )
+    markdown_parser.add_argument("report", type=Path, metavar="REPORT")
+    markdown_parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="Markdown file to write",
+    )
+    markdown_parser.set_defaults(run=command_markdown)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        arguments.run(arguments)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return ERROR_STATUS
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,592 @@
+"""Tests of suites/reports.py: merging reports and the Markdown summary.
+
+The input reports are real ones, written by the conformance suite in a subprocess
+with the NumPy kernels from tests/faults.py, so these tests need no framework.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from suites import reports
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_suite_report(path: Path, *arguments: str) -> None:
+    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
+    completed = subprocess.run(
+        [*command, *arguments, f"--report={path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert path.exists(), completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def suite_reports(tmp_path_factory) -> dict[str, Path]:
+    """Write two single-run reports: a correct kernel that passes and a faulty one
+    that fails on the large-mean case."""
+    folder = tmp_path_factory.mktemp("suite-reports")
+    passing = folder / "kernel.json"
+    write_suite_report(
+        passing, "--adapter=tests.faults:Float32Kernel", "--cases=M1,random-2d"
+    )
+    failing = folder / "fault.json"
+    write_suite_report(
+        failing,
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,random-2d",
+    )
+    return {"kernel": passing, "fault": failing}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, suite_reports) -> Path:
+    """A working directory with copies of the suite reports, so that sources are
+    named by their relative paths."""
+    for name, path in suite_reports.items():
+        shutil.copy(path, tmp_path / f"{name}.json")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write(path: Path, document: object) -> Path:
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return path
+
+
+def run_merge(capsys, *arguments: str) -> tuple[int, str]:
+    status = reports.main(["merge", *arguments])
+    return status, capsys.readouterr().err
+
+
+def record_keys(document: dict) -> list[tuple]:
+    return [
+        tuple(record[field] for field in reports.RECORD_KEY)
+        for record in document["results"]
+    ]
+
+
+# Merging.
+
+
+def test_merge_two_reports(workdir, capsys):
+    status, stderr = run_merge(
+        capsys, "kernel.json", "fault.json", "--output", "merged.json"
+    )
+    assert status == 0, stderr
+
+    merged = read(workdir / "merged.json")
+    kernel = read(workdir / "kernel.json")
+    fault = read(workdir / "fault.json")
+    assert merged["schema"] == "normconf-merged-report"
+    assert merged["schema_version"] == 1
+    assert set(merged["sources"]) == {"kernel.json", "fault.json"}
+
+    environment = merged["sources"]["fault.json"]["environment"]
+    assert environment == fault["environment"]
+    assert "fault-one-pass-variance" in environment["frameworks"]
+    assert (
+        "numpy-float32"
+        in (merged["sources"]["kernel.json"]["environment"]["frameworks"])
+    )
+    assert merged["sources"]["kernel.json"]["summary"] == kernel["summary"]
+    assert "stale_deviations" in merged["sources"]["kernel.json"]
+
+    assert len(merged["results"]) == len(kernel["results"]) + len(fault["results"])
+    assert len(set(record_keys(merged))) == len(merged["results"])
+    for verdict, count in merged["summary"].items():
+        assert count == kernel["summary"][verdict] + fault["summary"][verdict]
+
+
+def test_merge_records_keep_fields(workdir, capsys):
+    status, stderr = run_merge(
+        capsys, "kernel.json", "fault.json", "--output", "merged.json"
+    )
+    assert status == 0, stderr
+
+    merged = read(workdir / "merged.json")
+    fault = read(workdir / "fault.json")
+    failing = [r for r in fault["results"] if r["verdict"] == "fail"]
+    assert failing
+    for record in failing:
+        matches = [
+            r
+            for r in merged["results"]
+            if r["case"] == record["case"]
+            and r["quantity"] == record["quantity"]
+            and r["framework"] == record["framework"]
+        ]
+        assert matches == [{**record, "source": "fault.json"}]
+
+
+def test_merge_merged_reports(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "--output", "first.json")[0] == 0
+    assert run_merge(capsys, "fault.json", "--output", "second.json")[0] == 0
+    status, stderr = run_merge(
+        capsys, "first.json", "second.json", "--output", "both.json"
+    )
+    assert status == 0, stderr
+
+    both = read(workdir / "both.json")
+    direct_status, _ = run_merge(
+        capsys, "kernel.json", "fault.json", "--output", "direct.json"
+    )
+    assert direct_status == 0
+    direct = read(workdir / "direct.json")
+    assert set(both["sources"]) == {"kernel.json", "fault.json"}
+    assert both["results"] == direct["results"]
+    assert both["summary"] == direct["summary"]
+
+
+def test_merge_merged_with_single(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "--output", "first.json")[0] == 0
+    status, stderr = run_merge(
+        capsys, "first.json", "fault.json", "--output", "both.json"
+    )
+    assert status == 0, stderr
+    sources = {record["source"] for record in read(workdir / "both.json")["results"]}
+    assert sources == {"kernel.json", "fault.json"}
+
+
+def test_merge_folder_skips_merged(workdir, capsys):
+    folder = workdir / "reports"
+    folder.mkdir()
+    shutil.move(workdir / "kernel.json", folder / "kernel.json")
+    shutil.move(workdir / "fault.json", folder / "fault.json")
+    output = "reports/merged.json"
+
+    assert run_merge(capsys, "reports", "--output", output)[0] == 0
+    # The second merge finds the first one's output in the folder and skips it.
+    status, stderr = run_merge(capsys, "reports", "--output", output)
+    assert status == 0, stderr
+    assert "skipping the merged report reports/merged.json" in stderr
+    merged = read(workdir / output)
+    assert set(merged["sources"]) == {"reports/kernel.json", "reports/fault.json"}
+
+
+def test_merge_empty_folder_rejected(workdir, capsys):
+    (workdir / "empty").mkdir()
+    status, stderr = run_merge(capsys, "empty", "--output", "merged.json")
+    assert status == 2
+    assert "empty: the folder contains no single-run report" in stderr
+
+
+def test_merge_renames_clashing_source(workdir, capsys):
+    """Two merged reports, from two machines, may each contain a source of the
+    same name when their records differ."""
+    kernel = read(workdir / "kernel.json")
+    float32 = [r for r in kernel["results"] if r["dtype"] == "float32"]
+    others = [r for r in kernel["results"] if r["dtype"] != "float32"]
+    machine_a = workdir / "a"
+    machine_b = workdir / "b"
+    machine_a.mkdir()
+    machine_b.mkdir()
+    write(machine_a / "kernel.json", {**kernel, "results": float32})
+    write(machine_b / "kernel.json", {**kernel, "results": others})
+
+    # Each merge runs inside its machine's folder, so both name the source
+    # kernel.json.
+    for machine in (machine_a, machine_b):
+        status, stderr = run_merge(
+            capsys,
+            str(machine / "kernel.json"),
+            "--output",
+            str(machine / "merged.json"),
+        )
+        assert status == 0, stderr
+        document = read(machine / "merged.json")
+        source = next(iter(document["sources"]))
+        document["sources"] = {"kernel.json": document["sources"][source]}
+        for record in document["results"]:
+            record["source"] = "kernel.json"
+        write(machine / "merged.json", document)
+
+    status, stderr = run_merge(
+        capsys, "a/merged.json", "b/merged.json", "--output", "all.json"
+    )
+    assert status == 0, stderr
+    merged = read(workdir / "all.json")
+    assert set(merged["sources"]) == {"kernel.json", "b/merged.json:kernel.json"}
+    sources = {record["source"] for record in merged["results"]}
+    assert sources == set(merged["sources"])
+    assert len(merged["results"]) == len(kernel["results"])
+
+
+# Rejected inputs: each exits with status 2 and names the file.
+
+
+def test_reject_not_json(workdir, capsys):
+    (workdir / "broken.json").write_text('{"schema": "normconf-report",', "utf-8")
+    status, stderr = run_merge(
+        capsys, "kernel.json", "broken.json", "--output", "merged.json"
+    )
+    assert status == 2
+    assert "broken.json: not a JSON file" in stderr
+    assert not (workdir / "merged.json").exists()
+
+
+def test_reject_binary_file(workdir, capsys):
+    (workdir / "binary.json").write_bytes(b"\xff\xfe\x00\x01")
+    status, stderr = run_merge(capsys, "binary.json", "--output", "merged.json")
+    assert status == 2
+    assert "binary.json: not a JSON file" in stderr
+
+
+def test_reject_nan_literal(workdir, capsys):
+    kernel = (workdir / "kernel.json").read_text("utf-8")
+    (workdir / "loose.json").write_text(
+        kernel.replace('"error": null', '"error": NaN', 1), "utf-8"
+    )
+    status, stderr = run_merge(capsys, "loose.json", "--output", "merged.json")
+    assert status == 2
+    assert "loose.json: not a JSON file" in stderr
+    assert "NaN is not strict JSON" in stderr
+
+
+@pytest.mark.parametrize(
+    "document, expected",
+    [
+        ([1, 2], "not a normconf report (schema None"),
+        ({"schema": "junit", "results": []}, "not a normconf report (schema 'junit'"),
+        ({"results": []}, "not a normconf report (schema None"),
+    ],
+)
+def test_reject_not_normconf(workdir, capsys, document, expected):
+    write(workdir / "other.json", document)
+    status, stderr = run_merge(capsys, "other.json", "--output", "merged.json")
+    assert status == 2
+    assert f"other.json: {expected}" in stderr
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None, True, 1.5])
+def test_reject_unknown_version(workdir, capsys, version):
+    document = read(workdir / "kernel.json")
+    document["schema_version"] = version
+    write(workdir / "future.json", document)
+    status, stderr = run_merge(capsys, "future.json", "--output", "merged.json")
+    assert status == 2
+    assert f"future.json: unknown schema_version {version!r}" in stderr
+
+
+def test_reject_unknown_merged_version(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "--output", "merged.json")[0] == 0
+    document = read(workdir / "merged.json")
+    document["schema_version"] = 2
+    write(workdir / "merged.json", document)
+    status, stderr = run_merge(capsys, "merged.json", "--output", "again.json")
+    assert status == 2
+    assert "merged.json: unknown schema_version 2 of normconf-merged-report" in stderr
+
+
+def test_reject_missing_file(workdir, capsys):
+    status, stderr = run_merge(capsys, "absent.json", "--output", "merged.json")
+    assert status == 2
+    assert "absent.json: file not found" in stderr
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"results": None}, "'results' is missing or not a list"),
+        ({"environment": {}}, "'environment.frameworks' is missing"),
+        ({"results": [7]}, "results[0] is not a JSON object"),
+    ],
+)
+def test_reject_malformed_report(workdir, capsys, change, expected):
+    document = {**read(workdir / "kernel.json"), **change}
+    write(workdir / "malformed.json", document)
+    status, stderr = run_merge(capsys, "malformed.json", "--output", "merged.json")
+    assert status == 2
+    assert f"malformed.json: {expected}" in stderr
+
+
+def test_reject_malformed_record(workdir, capsys):
+    document = read(workdir / "fault.json")
+    del document["results"][3]["case"]
+    write(workdir / "malformed.json", document)
+    status, stderr = run_merge(capsys, "malformed.json", "--output", "merged.json")
+    assert status == 2
+    assert "malformed.json: results[3]: field 'case' is missing" in stderr
+
+
+def test_reject_unknown_verdict(workdir, capsys):
+    document = read(workdir / "fault.json")
+    document["results"][5]["verdict"] = "maybe"
+    write(workdir / "odd.json", document)
+    status, stderr = run_merge(capsys, "odd.json", "--output", "merged.json")
+    assert status == 2
+    assert "odd.json: results[5]: unknown verdict 'maybe'" in stderr
+
+
+def test_reject_same_file_twice(workdir, capsys):
+    status, stderr = run_merge(
+        capsys, "kernel.json", "fault.json", "./kernel.json", "--output", "m.json"
+    )
+    assert status == 2
+    assert "kernel.json: given twice (also as kernel.json)" in stderr
+    assert not (workdir / "m.json").exists()
+
+
+def test_reject_identical_copy(workdir, capsys):
+    shutil.copy(workdir / "kernel.json", workdir / "copy.json")
+    status, stderr = run_merge(
+        capsys, "kernel.json", "copy.json", "--output", "merged.json"
+    )
+    assert status == 2
+    assert "is in both kernel.json and copy.json" in stderr
+    assert "framework numpy-float32" in stderr
+
+
+def test_reject_overlapping_record(workdir, capsys):
+    """One shared record is enough, even where the rest of the files differ."""
+    kernel = read(workdir / "kernel.json")
+    write(workdir / "one.json", {**kernel, "results": kernel["results"][:1]})
+    status, stderr = run_merge(
+        capsys, "fault.json", "kernel.json", "one.json", "--output", "merged.json"
+    )
+    assert status == 2
+    assert "is in both kernel.json and one.json" in stderr
+
+
+def test_reject_merged_with_its_source(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "--output", "merged.json")[0] == 0
+    status, stderr = run_merge(
+        capsys, "merged.json", "kernel.json", "--output", "again.json"
+    )
+    assert status == 2
+    assert "is in both merged.json (source kernel.json) and kernel.json" in stderr
+
+
+def test_reject_record_twice_in_file(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    document["results"].append(document["results"][0])
+    write(workdir / "doubled.json", document)
+    status, stderr = run_merge(capsys, "doubled.json", "--output", "merged.json")
+    assert status == 2
+    assert "doubled.json: contains the record (framework numpy-float32" in stderr
+
+
+def test_reject_unknown_source(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "--output", "merged.json")[0] == 0
+    document = read(workdir / "merged.json")
+    document["results"][0]["source"] = "elsewhere.json"
+    write(workdir / "merged.json", document)
+    status, stderr = run_merge(capsys, "merged.json", "--output", "again.json")
+    assert status == 2
+    assert "names the source 'elsewhere.json', which is not in 'sources'" in stderr
+
+
+def test_command_line_exit_status(workdir):
+    """The module runs as `python -m suites.reports` and exits with status 2."""
+    (workdir / "broken.json").write_text("not json", "utf-8")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "suites.reports",
+            "merge",
+            "broken.json",
+            "--output",
+            "merged.json",
+        ],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 2
+    assert "error: broken.json: not a JSON file" in completed.stderr
+
+
+# Markdown.
+
+
+def render(capsys, report: str, output: str = "summary.md") -> str:
+    status = reports.main(["markdown", report, "--output", output])
+    assert status == 0, capsys.readouterr().err
+    return Path(output).read_text(encoding="utf-8")
+
+
+def table_row(text: str, label: str) -> list[str]:
+    for line in text.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [cell.strip() for cell in line.strip("|").split(" | ")]
+    raise AssertionError(f"no table row for {label!r} in:\n{text}")
+
+
+def rows_after(text: str, label: str) -> list[str]:
+    """Return the table's body row that follows the header starting with label."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(f"| {label} |"):
+            return [cell.strip() for cell in lines[index + 2].strip("|").split(" | ")]
+    raise AssertionError(f"no table with header {label!r} in:\n{text}")
+
+
+def test_markdown_header_and_totals(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "fault.json", "--output", "m.json")[0] == 0
+    text = render(capsys, "m.json")
+    merged = read(workdir / "m.json")
+
+    numpy_version = merged["sources"]["kernel.json"]["environment"]["numpy"]
+    assert table_row(text, "numpy-float32")[:2] == ["numpy-float32", numpy_version]
+    assert table_row(text, "fault-one-pass-variance")[4] == "fault.json"
+    assert table_row(text, "kernel.json")[2] == sys.version.split()[0]
+
+    header = table_row(text, "pass")
+    counts = [int(cell) for cell in rows_after(text, "pass")]
+    assert header == ["pass", "fail", "rejected", "unsupported", "deviation", "error"]
+    assert counts == [merged["summary"][verdict] for verdict in header]
+
+
+def test_markdown_matrix_cells(workdir, capsys):
+    text = render(capsys, "fault.json")
+    fault = read(workdir / "fault.json")
+
+    header = table_row(text, "framework/implementation")
+    row = table_row(text, "fault-one-pass-variance/kernel")
+    cells = dict(zip(header, row, strict=True))
+    # random-2d is in the shape group, large-mean-1e4 in conditioning.
+    assert set(header) == {"framework/implementation", "shape", "conditioning"}
+
+    shape = [r for r in fault["results"] if r["case"] == "random-2d"]
+    worst_shape = max(reports.headroom(r) for r in shape)
+    assert cells["shape"] == f"{len(shape)} pass<br>worst {worst_shape:.3g}"
+
+    failures = sum(
+        r["verdict"] == "fail" for r in fault["results"] if r["case"] != "random-2d"
+    )
+    assert failures > 0
+    assert f"{failures} fail" in cells["conditioning"]
+    assert cells["conditioning"].endswith("<br>worst inf")
+
+
+def test_markdown_unsupported_only_cell(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    document["results"] = [
+        r for r in document["results"] if r["verdict"] == "unsupported"
+    ]
+    write(workdir / "unsupported.json", document)
+    text = render(capsys, "unsupported.json")
+    row = table_row(text, "numpy-float32/kernel")
+    assert row[1:] == ["12 unsup", "12 unsup"]
+
+
+def test_markdown_lists_failures(workdir, capsys):
+    text = render(capsys, "fault.json")
+    fault = read(workdir / "fault.json")
+    failing = [r for r in fault["results"] if r["verdict"] == "fail"]
+
+    assert f"## Failures ({len(failing)})" in text
+    lines = [line for line in text.splitlines() if ": fail: " in line]
+    assert len(lines) == len(failing)
+    item = (
+        "- `fault-one-pass-variance/kernel cpu float32 large-mean-1e4 output`: fail: "
+    )
+    assert any(line.startswith(item) for line in lines)
+    assert "## Deviations (0)\n\nNone." in text
+
+
+def test_markdown_deviation_one_line(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    record = next(r for r in document["results"] if r["verdict"] == "pass")
+    message = "known deviation: " + "a long reason | with a pipe, " * 20
+    record.update(
+        verdict="deviation",
+        deviation=3,
+        message=message + "\nmeasured: output: X*X <b>bold</b>",
+    )
+    document["stale_deviations"] = ["deviation #4 (numpy-float32 >=1, M1)"]
+    write(workdir / "deviating.json", document)
+    text = render(capsys, "deviating.json")
+
+    assert "## Deviations (1)" in text
+    lines = [line for line in text.splitlines() if ": deviation: " in line]
+    assert len(lines) == 1
+    line = lines[0]
+    assert "a long reason \\| with a pipe" in line
+    assert line.endswith("measured: output: X\\*X \\<b\\>bold\\</b\\>")
+    assert line.count("a long reason") == 20
+    assert "## Failures (0)" in text
+    assert "- deviating.json: stale: deviation \\#4 (numpy-float32 \\>=1, M1)" in text
+
+
+def test_markdown_unknown_case_group(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    for record in document["results"]:
+        if record["case"] == "M1":
+            record["case"] = "from-a-newer-catalogue"
+    write(workdir / "newer.json", document)
+    text = render(capsys, "newer.json")
+    header = table_row(text, "framework/implementation")
+    assert header[-1] == "other"
+
+
+def test_markdown_missing_framework(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    document["environment"]["frameworks"]["mxnet"] = {"missing": "no module mxnet"}
+    write(workdir / "missing.json", document)
+    text = render(capsys, "missing.json")
+    assert table_row(text, "mxnet")[1:3] == ["not installed", "no module mxnet"]
+
+
+def test_markdown_rejects_bad_input(workdir, capsys):
+    write(workdir / "other.json", {"schema": "something-else"})
+    status = reports.main(["markdown", "other.json", "--output", "summary.md"])
+    assert status == 2
+    assert "other.json: not a normconf report" in capsys.readouterr().err
+    assert not (workdir / "summary.md").exists()
+
+
+# Headroom.
+
+
+@pytest.mark.parametrize(
+    "error, budget, expected",
+    [
+        (2.0, 8.0, 0.25),
+        ("Infinity", 8.0, math.inf),
+        ("NaN", 8.0, None),
+        (None, 8.0, None),
+        (2.0, None, None),
+        (2.0, 0.0, None),
+        (2.0, "Infinity", None),
+    ],
+)
+def test_headroom(error, budget, expected):
+    assert reports.headroom({"error": error, "budget": budget}) == expected
+
+
+def test_markdown_worst_is_maximum(workdir, capsys):
+    """The cell shows the largest ratio wherever its record sorts in the cell."""
+    document = read(workdir / "kernel.json")
+    passing = [r for r in document["results"] if r["case"] == "random-2d"]
+    passing = [r for r in passing if r["verdict"] == "pass"]
+    assert len(passing) >= 2
+    for record in passing:
+        record.update(error=1.0, budget=10.0)
+    passing[0].update(error=7.0)
+    write(workdir / "ratios.json", document)
+    text = render(capsys, "ratios.json")
+    header = table_row(text, "framework/implementation")
+    row = table_row(text, "numpy-float32/kernel")
+    cells = dict(zip(header, row, strict=True))
+    assert cells["shape"].endswith("<br>worst 0.7")
