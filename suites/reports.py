@@ -4,14 +4,17 @@
         --output reports/merged.json
     python -m suites.reports merge reports --output reports/merged.json
     python -m suites.reports markdown reports/merged.json --output reports/summary.md
+    python -m suites.reports diff old.json new.json --output reports/diff.md
 
 `merge` reads reports written by `pytest suites --report PATH` (schema
 `normconf-report`) or by an earlier merge (schema `normconf-merged-report`) and writes
 one merged report. A folder argument means every *.json file directly inside it
 except merged reports, so that a merge into that folder can run again. `markdown`
-reads either kind of report and writes a summary for a CI job page.
+reads either kind of report and writes a summary for a CI job page. `diff` compares
+two reports of either kind, prints the records whose verdict or error changed, and
+exits with status 1 when a record regressed, so that a CI job can fail on it.
 
-Both commands exit with status 2, and an error naming the file, when an input cannot
+Every command exits with status 2, and an error naming the file, when an input cannot
 be read, is not a normconf report, has an unknown schema version, or repeats a record
 that another input contains.
 """
@@ -25,7 +28,7 @@ import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -545,6 +548,294 @@ def render_markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Comparing two reports.
+
+REGRESSED_STATUS = 1
+# An error change between two passing records is notable when error / budget grows
+# or shrinks by more than this factor.
+NOTABLE_FACTOR = 2.0
+ABSENT = "absent"
+
+
+@dataclass
+class Change:
+    """One record key with its record in the old and in the new report. A side is
+    None where that report lacks the key."""
+
+    key: tuple[str, ...]
+    old: dict | None
+    new: dict | None
+
+
+@dataclass
+class Category:
+    """A kind of change between two reports: its heading, what puts a record into
+    it, and a predicate over the old and new record (both present)."""
+
+    title: str
+    rule: str
+    matches: Callable[[dict, dict], bool]
+
+
+@dataclass
+class Diff:
+    """The changes between two reports, grouped by category title. A change can
+    be in more than one category: fail -> pass is improved and newly passing."""
+
+    old_name: str
+    new_name: str
+    old_count: int
+    new_count: int
+    common_count: int
+    old_versions: dict[str, list[str]]
+    new_versions: dict[str, list[str]]
+    sections: dict[str, list[Change]]
+
+    @property
+    def regressed(self) -> bool:
+        return bool(self.sections[REGRESSED])
+
+
+def _regressed(old: dict, new: dict) -> bool:
+    return old["conforming"] and not new["conforming"]
+
+
+def _improved(old: dict, new: dict) -> bool:
+    return not old["conforming"] and new["conforming"]
+
+
+def _newly_rejected(old: dict, new: dict) -> bool:
+    return new["verdict"] == "rejected" and old["verdict"] != "rejected"
+
+
+def _newly_passing(old: dict, new: dict) -> bool:
+    return new["verdict"] == "pass" and old["verdict"] != "pass"
+
+
+def changed_by_factor(old: float, new: float, factor: float) -> bool:
+    """Return whether two non-negative numbers differ by more than `factor` either
+    way. A change from 0 to any positive number counts as an infinite factor."""
+    if old == new:
+        return False
+    smaller, larger = sorted((old, new))
+    if smaller == 0:
+        return True
+    return larger / smaller > factor
+
+
+def _error_changed(old: dict, new: dict) -> bool:
+    if old["verdict"] != "pass" or new["verdict"] != "pass":
+        return False
+    old_ratio = headroom(old)
+    new_ratio = headroom(new)
+    if old_ratio is None or new_ratio is None:
+        return False
+    if not (math.isfinite(old_ratio) and math.isfinite(new_ratio)):
+        return False
+    return changed_by_factor(old_ratio, new_ratio, NOTABLE_FACTOR)
+
+
+REGRESSED = "Regressed"
+APPEARED = "Appeared"
+DISAPPEARED = "Disappeared"
+CATEGORIES = (
+    Category(
+        REGRESSED,
+        "conforming in OLD, not conforming in NEW: pass, deviation, unsupported or "
+        "an allowed rejection became fail, error or a rejection the case does not "
+        "allow.",
+        _regressed,
+    ),
+    Category(
+        "Improved",
+        "not conforming in OLD, conforming in NEW.",
+        _improved,
+    ),
+    Category(
+        "Newly rejected",
+        "rejected in NEW, any other verdict in OLD.",
+        _newly_rejected,
+    ),
+    Category(
+        "Newly passing",
+        "pass in NEW, any other verdict in OLD.",
+        _newly_passing,
+    ),
+    Category(
+        "Error changed",
+        "pass in both, and error / budget grew or shrank by more than a factor of "
+        f"{NOTABLE_FACTOR:g}.",
+        _error_changed,
+    ),
+)
+PRESENCE_RULES = {
+    APPEARED: "in NEW only.",
+    DISAPPEARED: "in OLD only.",
+}
+
+
+def framework_versions(document: dict) -> dict[str, list[str]]:
+    """Return the versions of each framework that has records in a merged report
+    document, sorted. A merged report can contain several versions of one framework."""
+    with_records = {record["framework"] for record in document["results"]}
+    versions: dict[str, set[str]] = {name: set() for name in with_records}
+    for entry in document["sources"].values():
+        for framework, details in entry["environment"]["frameworks"].items():
+            if framework not in versions or not isinstance(details, dict):
+                continue
+            if "missing" in details:
+                versions[framework].add("not installed")
+            else:
+                versions[framework].add(str(details.get("version", "?")))
+    return {name: sorted(found) or ["?"] for name, found in versions.items()}
+
+
+def compare(old: dict, new: dict, old_name: str, new_name: str) -> Diff:
+    """Compare two merged report documents record by record.
+
+    Records match on RECORD_KEY, which includes the framework's name but not its
+    version, so two releases of one framework compare with each other.
+    """
+    old_records = {_record_key(record): record for record in old["results"]}
+    new_records = {_record_key(record): record for record in new["results"]}
+    sections: dict[str, list[Change]] = {category.title: [] for category in CATEGORIES}
+    sections[APPEARED] = []
+    sections[DISAPPEARED] = []
+
+    common = 0
+    for key in sorted(old_records.keys() | new_records.keys()):
+        old_record = old_records.get(key)
+        new_record = new_records.get(key)
+        change = Change(key, old_record, new_record)
+        if old_record is None:
+            sections[APPEARED].append(change)
+            continue
+        if new_record is None:
+            sections[DISAPPEARED].append(change)
+            continue
+        common += 1
+        for category in CATEGORIES:
+            if category.matches(old_record, new_record):
+                sections[category.title].append(change)
+
+    return Diff(
+        old_name=old_name,
+        new_name=new_name,
+        old_count=len(old_records),
+        new_count=len(new_records),
+        common_count=common,
+        old_versions=framework_versions(old),
+        new_versions=framework_versions(new),
+        sections=sections,
+    )
+
+
+def _format_in_u(value: object) -> str:
+    number = to_float(value)
+    if number is None:
+        return "none"
+    if not math.isfinite(number):
+        return str(number)
+    return f"{number:.3g} u"
+
+
+def _format_error(record: dict | None) -> str:
+    return ABSENT if record is None else _format_in_u(record.get("error"))
+
+
+def _format_error_change(old: dict | None, new: dict | None) -> str:
+    """Return new error / old error as "×F", or "n/a" where either error is
+    missing or NaN."""
+    if old is None or new is None:
+        return "n/a"
+    old_error = to_float(old.get("error"))
+    new_error = to_float(new.get("error"))
+    if old_error is None or new_error is None:
+        return "n/a"
+    if math.isnan(old_error) or math.isnan(new_error):
+        return "n/a"
+    old_error = abs(old_error)
+    new_error = abs(new_error)
+    if old_error == new_error:
+        return "×1"
+    if old_error == 0 or math.isinf(new_error):
+        return "×inf"
+    return f"×{new_error / old_error:.3g}"
+
+
+def _change_line(change: Change) -> str:
+    framework, implementation, *rest = change.key
+    item = " ".join([f"{framework}/{implementation}", *rest])
+    old_verdict = change.old["verdict"] if change.old else ABSENT
+    new_verdict = change.new["verdict"] if change.new else ABSENT
+    line = (
+        f"- {_code(item)}: {old_verdict} -> {new_verdict}, error "
+        f"{_format_error(change.old)} -> {_format_error(change.new)} "
+        f"({_format_error_change(change.old, change.new)})"
+    )
+    if change.old and change.new:
+        old_budget = to_float(change.old.get("budget"))
+        new_budget = to_float(change.new.get("budget"))
+        # A rejected or broken record has no budget, which is no budget change.
+        if None not in (old_budget, new_budget) and old_budget != new_budget:
+            line += (
+                f", budget {_format_in_u(change.old.get('budget'))} -> "
+                f"{_format_in_u(change.new.get('budget'))}"
+            )
+    return line
+
+
+def _version_lines(diff: Diff) -> list[str]:
+    lines = []
+    for framework in sorted(diff.old_versions.keys() | diff.new_versions.keys()):
+        old = ", ".join(diff.old_versions.get(framework, []))
+        new = ", ".join(diff.new_versions.get(framework, []))
+        name = escape(framework)
+        if framework not in diff.new_versions:
+            lines.append(f"- {name} {escape(old)}: in OLD only")
+        elif framework not in diff.old_versions:
+            lines.append(f"- {name} {escape(new)}: in NEW only")
+        elif old == new:
+            lines.append(f"- {name} {escape(old)} (same version)")
+        else:
+            lines.append(f"- {name} {escape(old)} -> {escape(new)}")
+    return lines or ["No records."]
+
+
+def render_diff(diff: Diff) -> str:
+    """Return the Markdown page of a Diff: framework versions, counts per category,
+    then one list per category."""
+    rules = {category.title: category.rule for category in CATEGORIES}
+    rules.update(PRESENCE_RULES)
+
+    lines = ["# normconf report diff", ""]
+    lines += [
+        f"OLD: {_code(diff.old_name)} ({diff.old_count} records). "
+        f"NEW: {_code(diff.new_name)} ({diff.new_count} records). "
+        f"{diff.common_count} records are in both.",
+        "",
+        "Records match on (framework, implementation, device, dtype, case, "
+        "quantity), so versions of one framework compare by its name. Each line "
+        "shows the verdicts, the errors in units of u and new error / old error.",
+        "",
+        "## Frameworks",
+        "",
+    ]
+    lines += _version_lines(diff)
+    lines += ["", "## Changes", ""]
+    lines += _table(
+        ["change", "records", "rule"],
+        (
+            [title, str(len(changes)), rules[title]]
+            for title, changes in diff.sections.items()
+        ),
+    )
+    for title, changes in diff.sections.items():
+        lines += ["", f"## {title} ({len(changes)})", ""]
+        lines += [_change_line(change) for change in changes] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
 # Command line.
 
 
@@ -577,6 +868,18 @@ def command_merge(arguments: argparse.Namespace) -> None:
 def command_markdown(arguments: argparse.Namespace) -> None:
     document = merge([load(arguments.report)])
     _write_text(arguments.output, render_markdown(document))
+
+
+def command_diff(arguments: argparse.Namespace) -> int:
+    old = load(arguments.old)
+    new = load(arguments.new)
+    # merge() rejects a file that contains one record twice.
+    diff = compare(merge([old]), merge([new]), old.name, new.name)
+    text = render_diff(diff)
+    if arguments.output is not None:
+        _write_text(arguments.output, text)
+    print(text, end="")
+    return REGRESSED_STATUS if diff.regressed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -620,17 +923,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="Markdown file to write",
     )
     markdown_parser.set_defaults(run=command_markdown)
+
+    diff_parser = commands.add_parser(
+        "diff",
+        help="compare two reports and list the changed records",
+        description="Compare two normconf reports (single-run or merged), print "
+        "the records that regressed, improved, became rejected or passing, changed "
+        "error notably, appeared or disappeared, and exit with status 1 when a "
+        "record regressed.",
+    )
+    diff_parser.add_argument("old", type=Path, metavar="OLD", help="earlier report")
+    diff_parser.add_argument("new", type=Path, metavar="NEW", help="later report")
+    diff_parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="Markdown file to write the comparison to, besides printing it",
+    )
+    diff_parser.set_defaults(run=command_diff)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
-        arguments.run(arguments)
+        status = arguments.run(arguments)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return ERROR_STATUS
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests of suites/reports.py: merging reports and the Markdown summary.
+"""Tests of suites/reports.py: merging reports, the Markdown summary and the diff.
 
 The input reports are real ones, written by the conformance suite in a subprocess
 with the NumPy kernels from tests/faults.py, so these tests need no framework.
@@ -590,3 +590,258 @@ def test_markdown_worst_is_maximum(workdir, capsys):
     row = table_row(text, "numpy-float32/kernel")
     cells = dict(zip(header, row, strict=True))
     assert cells["shape"].endswith("<br>worst 0.7")
+
+
+# Diff.
+
+RELEASED_FRAMEWORK = "numpy-float32"
+LARGE_MEAN_FAILURES = {"grad_gamma", "grad_input", "output"}
+
+
+@pytest.fixture(scope="module")
+def release_reports(tmp_path_factory, suite_reports) -> dict[str, Path]:
+    """Write two releases of one framework: 1.0.0 is the correct kernel, 1.1.0 the
+    one-pass variance kernel renamed to the same framework, run on the same cases
+    in float32."""
+    folder = tmp_path_factory.mktemp("release-reports")
+    good = folder / "good.json"
+    write_suite_report(
+        good,
+        "--adapter=tests.faults:Float32Kernel",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,random-2d",
+    )
+    release_1 = read(good)
+    release_1["environment"]["frameworks"][RELEASED_FRAMEWORK]["version"] = "1.0.0"
+
+    release_2 = read(suite_reports["fault"])
+    frameworks = release_2["environment"]["frameworks"]
+    frameworks[RELEASED_FRAMEWORK] = frameworks.pop("fault-one-pass-variance")
+    frameworks[RELEASED_FRAMEWORK]["version"] = "1.1.0"
+    for record in release_2["results"]:
+        record["framework"] = RELEASED_FRAMEWORK
+    return {
+        "release-1": write(folder / "release-1.json", release_1),
+        "release-2": write(folder / "release-2.json", release_2),
+    }
+
+
+@pytest.fixture
+def diffdir(tmp_path, monkeypatch, release_reports) -> Path:
+    for name, path in release_reports.items():
+        shutil.copy(path, tmp_path / f"{name}.json")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_diff(capsys, *arguments: str) -> tuple[int, str, str]:
+    status = reports.main(["diff", *arguments])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def section_lines(text: str, title: str) -> list[str]:
+    """Return the list items under the heading `## title (N)`."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(f"## {title} ("):
+            items = []
+            for item in lines[index + 2 :]:
+                if not item.startswith("- "):
+                    break
+                items.append(item)
+            return items
+    raise AssertionError(f"no section {title!r} in:\n{text}")
+
+
+def quantities(lines: list[str]) -> set[str]:
+    """Return the quantity named in each change line's item."""
+    return {line.split("`")[1].split()[-1] for line in lines}
+
+
+def test_diff_regressed_release(diffdir, capsys):
+    status, out, err = run_diff(
+        capsys, "release-1.json", "release-2.json", "--output", "diff.md"
+    )
+    assert status == 1, err
+    assert out == (diffdir / "diff.md").read_text(encoding="utf-8")
+    assert "- numpy-float32 1.0.0 -> 1.1.0" in out
+
+    regressed = section_lines(out, "Regressed")
+    assert quantities(regressed) == LARGE_MEAN_FAILURES
+    item = "- `numpy-float32/kernel cpu float32 large-mean-1e4 output`: pass -> fail"
+    line = next(line for line in regressed if line.startswith(item))
+    assert line.endswith(" u -> inf (×inf)")
+    assert section_lines(out, "Improved") == []
+    assert section_lines(out, "Newly passing") == []
+    assert section_lines(out, "Appeared") == []
+    assert section_lines(out, "Disappeared") == []
+    assert "## Improved (0)\n\nNone." in out
+
+
+def test_diff_improved_release(diffdir, capsys):
+    status, out, err = run_diff(capsys, "release-2.json", "release-1.json")
+    assert status == 0, err
+    assert "- numpy-float32 1.1.0 -> 1.0.0" in out
+    assert section_lines(out, "Regressed") == []
+    improved = section_lines(out, "Improved")
+    passing = section_lines(out, "Newly passing")
+    assert quantities(improved) == LARGE_MEAN_FAILURES
+    assert quantities(passing) == LARGE_MEAN_FAILURES
+    assert all(": fail -> pass, error inf -> " in line for line in improved)
+
+
+def test_diff_same_report(diffdir, capsys):
+    status, out, err = run_diff(capsys, "release-1.json", "release-1.json")
+    assert status == 0, err
+    assert "- numpy-float32 1.0.0 (same version)" in out
+    assert "8 records are in both." in out
+    assert not [line for line in out.splitlines() if line.startswith("- `")]
+
+
+def test_diff_newly_passing_deviation(diffdir, capsys):
+    """deviation -> pass is newly passing but not improved: both conform."""
+    document = read(diffdir / "release-1.json")
+    record = document["results"][0]
+    record.update(verdict="deviation", deviation=1)
+    write(diffdir / "deviating.json", document)
+    status, out, err = run_diff(capsys, "deviating.json", "release-1.json")
+    assert status == 0, err
+    assert section_lines(out, "Improved") == []
+    passing = section_lines(out, "Newly passing")
+    assert len(passing) == 1
+    assert f" {record['quantity']}`: deviation -> pass, " in passing[0]
+    assert passing[0].endswith("(×1)")
+
+
+@pytest.mark.parametrize("allowed, status", [(False, 1), (True, 0)])
+def test_diff_newly_rejected(diffdir, capsys, allowed, status):
+    """A rejection regresses only where the case does not allow it."""
+    document = read(diffdir / "release-1.json")
+    document["results"][2].update(
+        verdict="rejected", conforming=allowed, error=None, budget=None
+    )
+    write(diffdir / "rejecting.json", document)
+    result, out, err = run_diff(capsys, "release-1.json", "rejecting.json")
+    assert result == status, err
+    rejected = section_lines(out, "Newly rejected")
+    assert len(rejected) == 1
+    assert ": pass -> rejected, error " in rejected[0]
+    assert rejected[0].endswith(" u -> none (n/a)")
+    assert len(section_lines(out, "Regressed")) == (0 if allowed else 1)
+
+
+@pytest.mark.parametrize("factor, listed", [(3.0, True), (1 / 3, True), (1.5, False)])
+def test_diff_error_change(diffdir, capsys, factor, listed):
+    document = read(diffdir / "release-1.json")
+    record = document["results"][0]
+    assert record["verdict"] == "pass"
+    record["error"] *= factor
+    write(diffdir / "changed.json", document)
+    status, out, err = run_diff(capsys, "release-1.json", "changed.json")
+    assert status == 0, err
+    changed = section_lines(out, "Error changed")
+    assert len(changed) == (1 if listed else 0)
+    if listed:
+        assert changed[0].endswith(f"(×{factor:.3g})")
+
+
+def test_diff_budget_change_shown(diffdir, capsys):
+    """A changed budget counts in error / budget, and the line shows both budgets."""
+    document = read(diffdir / "release-1.json")
+    record = document["results"][0]
+    record["budget"] /= 4
+    write(diffdir / "tighter.json", document)
+    status, out, err = run_diff(capsys, "release-1.json", "tighter.json")
+    assert status == 0, err
+    changed = section_lines(out, "Error changed")
+    assert len(changed) == 1
+    assert "(×1), budget 60.6 u -> 15.1 u" in changed[0]
+
+
+def test_diff_appeared_disappeared(diffdir, capsys):
+    document = read(diffdir / "release-1.json")
+    first, second = document["results"][:2]
+    document["results"] = document["results"][1:]
+    document["results"].append({**second, "case": "from-a-newer-catalogue"})
+    write(diffdir / "moved.json", document)
+    status, out, err = run_diff(capsys, "release-1.json", "moved.json")
+    assert status == 0, err
+    appeared = section_lines(out, "Appeared")
+    disappeared = section_lines(out, "Disappeared")
+    assert len(appeared) == 1
+    assert " from-a-newer-catalogue " in appeared[0]
+    assert ": absent -> pass, error absent -> " in appeared[0]
+    assert appeared[0].endswith("(n/a)")
+    assert len(disappeared) == 1
+    assert f" {first['case']} {first['quantity']}`: pass -> absent" in disappeared[0]
+
+
+def test_diff_merged_reports(diffdir, capsys):
+    assert run_merge(capsys, "release-1.json", "--output", "merged-1.json")[0] == 0
+    status, out, err = run_diff(capsys, "merged-1.json", "release-2.json")
+    assert status == 1, err
+    assert "OLD: `merged-1.json` (8 records)." in out
+    assert quantities(section_lines(out, "Regressed")) == LARGE_MEAN_FAILURES
+
+
+def test_diff_framework_only_in_one(diffdir, capsys, suite_reports):
+    shutil.copy(suite_reports["fault"], diffdir / "fault.json")
+    status, out, err = run_diff(capsys, "release-1.json", "fault.json")
+    assert status == 0, err
+    assert "- numpy-float32 1.0.0: in OLD only" in out
+    assert "- fault-one-pass-variance " in out
+    assert len(section_lines(out, "Appeared")) == 8
+    assert len(section_lines(out, "Disappeared")) == 8
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("not json", "broken.json: not a JSON file"),
+        ('{"schema": "junit"}', "broken.json: not a normconf report"),
+    ],
+)
+def test_diff_rejects_bad_input(diffdir, capsys, content, expected):
+    (diffdir / "broken.json").write_text(content, "utf-8")
+    status, out, err = run_diff(
+        capsys, "release-1.json", "broken.json", "--output", "diff.md"
+    )
+    assert status == 2
+    assert expected in err
+    assert out == ""
+    assert not (diffdir / "diff.md").exists()
+
+
+def test_diff_rejects_record_twice(diffdir, capsys):
+    document = read(diffdir / "release-2.json")
+    document["results"].append(document["results"][0])
+    write(diffdir / "doubled.json", document)
+    status, _, err = run_diff(capsys, "doubled.json", "release-1.json")
+    assert status == 2
+    assert "doubled.json: contains the record (framework numpy-float32" in err
+
+
+@pytest.mark.parametrize(
+    "old, new, status",
+    [
+        ("release-1.json", "release-2.json", 1),
+        ("release-2.json", "release-1.json", 0),
+        ("release-1.json", "absent.json", 2),
+    ],
+)
+def test_diff_command_line_status(diffdir, old, new, status):
+    """`python -m suites.reports diff` exits with 1 on a regression, for CI."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "suites.reports", "diff", old, new],
+        cwd=diffdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == status, completed.stderr
+    if status == 2:
+        assert "error: absent.json: file not found" in completed.stderr
+    else:
+        assert completed.stdout.startswith("# normconf report diff\n")
