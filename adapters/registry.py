@@ -101,10 +101,10 @@ def discover_builtin() -> tuple[list[object], list[Missing]]:
     return found, missing
 
 
-def load_entry_points(names: list[str] | None = None) -> list[object]:
-    """Load adapters registered under the `normconf.adapters` entry point group.
+def entry_point_specs(names: list[str] | None = None) -> list[str]:
+    """Return the module:object spec of each `normconf.adapters` entry point.
 
-    With `names`, load only those entry points and raise if one is not installed.
+    With `names`, return only those entry points and raise if one is not installed.
     """
     points = {
         point.name: point
@@ -118,4 +118,12 @@ def load_entry_points(names: list[str] | None = None) -> list[object]:
                 f"installed: {', '.join(sorted(points)) or 'none'}"
             )
         points = {name: points[name] for name in names}
-    return [load(point.value) for point in points.values()]
+    return [point.value for point in points.values()]
+
+
+def load_entry_points(names: list[str] | None = None) -> list[object]:
+    """Load adapters registered under the `normconf.adapters` entry point group.
+
+    With `names`, load only those entry points and raise if one is not installed.
+    """
+    return [load(spec) for spec in entry_point_specs(names)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from adapters import registry
 from adapters.contract import Device, Implementation
-from suites import cases, deviations, dtypes, report
+from suites import cases, deviations, dtypes, replay, report
 from suites.verdicts import Item
 
 SUITES_DIR = Path(__file__).resolve().parent
@@ -44,6 +45,9 @@ class State:
     missing: list[registry.Missing]
     deviations: list[deviations.Deviation]
     records: list[dict]
+    # How each adapter was loaded, by framework name: ("framework", built-in name)
+    # or ("adapter", module:object spec). Replay bundles store it.
+    sources: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     def deviation_status(self) -> DeviationStatus:
         """Sort the entries for the frameworks that ran by what this run showed.
@@ -156,6 +160,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="write the JSON conformance report to PATH",
     )
+    group.addoption(
+        "--replay-dir",
+        default=None,
+        metavar="DIR",
+        help="write a replay bundle (inputs.npz and item.json) to DIR/<test id>/ "
+        "for every non-conforming item; rerun one with python -m suites.replay",
+    )
 
 
 def _split(values: list[str] | str | None) -> list[str]:
@@ -186,19 +197,31 @@ def _collects_suites(config: pytest.Config) -> bool:
 
 def _load_adapters(
     config: pytest.Config,
-) -> tuple[list[object], list[registry.Missing]]:
+) -> tuple[list[object], list[registry.Missing], dict[str, tuple[str, str]]]:
+    """Load the selected adapters. Returns them, the built-ins that are not
+    installed, and how each adapter was loaded (see State.sources)."""
     frameworks = _split(config.getoption("framework"))
     specs = config.getoption("adapter")
     try:
         if frameworks or specs:
-            adapters = [registry.load_builtin(name) for name in frameworks]
-            adapters += [registry.load(spec) for spec in specs]
+            loaded = [
+                (registry.load_builtin(name), ("framework", name))
+                for name in frameworks
+            ]
+            loaded += [(registry.load(spec), ("adapter", spec)) for spec in specs]
             missing: list[registry.Missing] = []
         else:
-            adapters, missing = registry.discover_builtin()
-            adapters += registry.load_entry_points()
+            builtin, missing = registry.discover_builtin()
+            loaded = [
+                (adapter, ("framework", adapter.framework)) for adapter in builtin
+            ]
+            loaded += [
+                (registry.load(spec), ("adapter", spec))
+                for spec in registry.entry_point_specs()
+            ]
     except registry.AdapterLoadError as error:
         raise pytest.UsageError(str(error)) from error
+    adapters = [adapter for adapter, _ in loaded]
     names = [adapter.framework for adapter in adapters]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -206,7 +229,8 @@ def _load_adapters(
             f"two adapters share the framework name {', '.join(duplicates)}; "
             "each adapter needs a unique `framework`"
         )
-    return adapters, missing
+    sources = {adapter.framework: source for adapter, source in loaded}
+    return adapters, missing, sources
 
 
 def _validate_selection(config: pytest.Config) -> None:
@@ -235,8 +259,9 @@ def pytest_configure(config: pytest.Config) -> None:
     _validate_selection(config)
     adapters: list[object] = []
     missing: list[registry.Missing] = []
+    sources: dict[str, tuple[str, str]] = {}
     if _collects_suites(config):
-        adapters, missing = _load_adapters(config)
+        adapters, missing, sources = _load_adapters(config)
         if not adapters and not config.getoption("collectonly"):
             not_installed = "; ".join(m.reason for m in missing) or "none found"
             raise pytest.UsageError(
@@ -246,11 +271,18 @@ def pytest_configure(config: pytest.Config) -> None:
         _check_devices(config, adapters)
     _check_output_path(config, "report")
     _check_output_path(config, "update_deviations")
+    _check_output_dir(config, "replay_dir")
     try:
         known = deviations.load(Path(config.getoption("deviations")))
     except deviations.DeviationsError as error:
         raise pytest.UsageError(f"--deviations: {error}") from error
-    state = State(adapters=adapters, missing=missing, deviations=known, records=[])
+    state = State(
+        adapters=adapters,
+        missing=missing,
+        deviations=known,
+        records=[],
+        sources=sources,
+    )
     config.stash[state_key] = state
     config.pluginmanager.register(RecordCollector(state), "normconf-records")
 
@@ -280,6 +312,29 @@ def _check_output_path(config: pytest.Config, option: str) -> None:
         raise pytest.UsageError(f"{flag}: cannot write {path}: {error}") from error
     if not existed:
         target.unlink()
+
+
+def _check_output_dir(config: pytest.Config, option: str) -> None:
+    """Stop with a usage error unless the folder that --OPTION names can be created
+    and written to."""
+    path = config.getoption(option)
+    if not path:
+        return
+    flag = "--" + option.replace("_", "-")
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise pytest.UsageError(f"{flag}: cannot create {path}: {error}") from error
+    if not target.is_dir() or not os.access(target, os.W_OK):
+        raise pytest.UsageError(f"{flag}: {path} is not a writable folder")
+    # Write a file now, so that a folder the checks above miss fails before the run
+    # rather than at its first failing item.
+    try:
+        with tempfile.NamedTemporaryFile(dir=target):
+            pass
+    except OSError as error:
+        raise pytest.UsageError(f"{flag}: cannot write in {path}: {error}") from error
 
 
 # Device kinds that are GPUs: torch and ONNX Runtime name them "cuda", MXNet and
@@ -400,6 +455,26 @@ def record_verdicts(node: pytest.Item, target: Target, records: list) -> list[di
     deviations.apply(rows, state.deviations, target.adapter.version())
     node.user_properties.append((RECORDS_KEY, rows))
     return rows
+
+
+def write_replay_bundle(
+    node: pytest.Item, target: Target, rows: list[dict], command: str
+) -> Path | None:
+    """Write a replay bundle for the item when --replay-dir is set and a record is
+    non-conforming. Returns the bundle's folder, or None when none is written."""
+    directory = node.config.getoption("replay_dir")
+    if not directory or all(row["conforming"] for row in rows):
+        return None
+    state = node.config.stash[state_key]
+    return replay.write_bundle(
+        Path(directory).resolve(),
+        target.adapter,
+        state.sources[target.adapter.framework],
+        target.implementation,
+        target.item,
+        rows,
+        command,
+    )
 
 
 class RecordCollector:

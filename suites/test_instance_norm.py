@@ -12,7 +12,7 @@ import shlex
 import pytest
 
 from suites import deviations
-from suites.plugin import Target, record_verdicts
+from suites.plugin import Target, record_verdicts, write_replay_bundle
 from suites.verdicts import run_item, unsupported_reason, unsupported_records
 
 
@@ -50,6 +50,7 @@ def test_instance_norm(conformance_target: Target, request: pytest.FixtureReques
 
     overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in records)
     replay = replay_command(request, target)
+    write_replay_bundle(request.node, target, records, replay)
     for record in records:
         assert record["conforming"], (
             f"{record['message']}\n  all quantities: {overview}\n  replay: {replay}"

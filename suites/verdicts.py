@@ -203,8 +203,27 @@ def _check_array(
     return None
 
 
-def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
-    """Compare an adapter's result with the reference: one record per quantity."""
+def reference_from_inputs(
+    inputs: Inputs, eps: float
+) -> tuple[reference.Expected, dict[str, np.ndarray]]:
+    """Return the float64 reference and the error scales for the given inputs."""
+    expected = reference.instance_norm(
+        inputs.x, inputs.gamma, inputs.beta, inputs.grad_output, eps
+    )
+    scale = error_model.scales(
+        inputs.x, inputs.gamma, inputs.beta, inputs.grad_output, expected
+    )
+    return expected, scale
+
+
+def judge_result(
+    item: Item, result: object, gradients: bool, inputs: Inputs | None = None
+) -> list[Record]:
+    """Compare an adapter's result with the reference: one record per quantity.
+
+    The reference is computed from `inputs` when given (a replay bundle's arrays,
+    in (N, C, *spatial) order), otherwise from the catalogue case and seed.
+    """
     case, dtype, seed = item.case, item.dtype, item.seed
     quantities = quantities_for(case, gradients)
     if not isinstance(result, Result):
@@ -217,8 +236,13 @@ def judge_result(item: Item, result: object, gradients: bool) -> list[Record]:
     if problem is not None:
         return [item.record(q, "error", False, problem) for q in quantities]
     units = dtypes.judging_dtype(dtype, result.compute_dtype)
-    expected = expected_results(case, dtype, seed, eps)
-    scale = expected_scales(case, dtype, seed, eps)
+    if inputs is None:
+        expected = expected_results(case, dtype, seed, eps)
+        scale = expected_scales(case, dtype, seed, eps)
+    else:
+        expected, scale = reference_from_inputs(
+            inputs, case.eps if eps is None else eps
+        )
     result_dtype = result.dtype
 
     layout = case.layout
@@ -353,12 +377,17 @@ def unsupported_reason(
 
 
 def run_item(
-    adapter: object, item: Item, implementation: Implementation
+    adapter: object,
+    item: Item,
+    implementation: Implementation,
+    inputs: Inputs | None = None,
 ) -> list[Record]:
     """Run the item through the adapter and return one record per quantity.
 
-    An implementation without gradients gets its gradient quantities recorded as
-    unsupported, with its `gradient_reason`.
+    With `inputs` (in (N, C, *spatial) order), the adapter receives those arrays and
+    the reference is computed from them. Without, both come from the catalogue case
+    and seed. An implementation without gradients gets its gradient quantities
+    recorded as unsupported, with its `gradient_reason`.
     """
     gradients = implementation.gradients
     records = []
@@ -371,11 +400,15 @@ def run_item(
             for quantity in quantities_for(item.case, True)
             if quantity != "output"
         ]
-    return _run(adapter, item, gradients) + records
+    return _run(adapter, item, gradients, inputs) + records
 
 
-def _run(adapter: object, item: Item, gradients: bool) -> list[Record]:
-    inputs = materialize(item.case, item.dtype, item.seed)
+def _run(
+    adapter: object, item: Item, gradients: bool, given: Inputs | None
+) -> list[Record]:
+    inputs = given
+    if inputs is None:
+        inputs = materialize(item.case, item.dtype, item.seed)
     request = build_request(item, inputs, gradients)
     quantities = quantities_for(item.case, gradients)
 
@@ -397,7 +430,7 @@ def _run(adapter: object, item: Item, gradients: bool) -> list[Record]:
         )
         return [item.record(q, "error", False, message) for q in quantities]
 
-    return judge_result(item, result, gradients)
+    return judge_result(item, result, gradients, given)
 
 
 def json_number(value: float | None) -> float | str | None:
