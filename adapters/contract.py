@@ -106,7 +106,8 @@ class Result:
     `compute_dtype` names the format the framework computed in, when the adapter
     knows it: "float32" for float16 input that a kernel computes in float32, or
     "tfloat32" for float32 math on TF32 tensor cores. A result is judged in the units
-    of the tested dtype, or of `compute_dtype` when that format is coarser.
+    of the tested dtype, except that "tfloat32" on float32 input sets TF32's units;
+    any other format coarser than the tested dtype is an `error`.
 
     `eps` is set only when the framework's interface cannot hold the request's eps
     and stores a rounded value: ONNX keeps the epsilon attribute in float32, so 1e-5

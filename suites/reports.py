@@ -850,7 +850,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def command_merge(arguments: argparse.Namespace) -> None:
-    inputs = load_all(expand_inputs(arguments.reports))
+    paths = expand_inputs(arguments.reports)
+    output = Path(arguments.output).resolve()
+    if any(Path(path).resolve() == output for path in paths):
+        raise ReportError(
+            f"{display_name(arguments.output)}: the output is also an input; "
+            "write the merged report to another file"
+        )
+    inputs = load_all(paths)
     document = merge(inputs)
     try:
         report.write(document, arguments.output)

@@ -845,3 +845,26 @@ def test_diff_command_line_status(diffdir, old, new, status):
         assert "error: absent.json: file not found" in completed.stderr
     else:
         assert completed.stdout.startswith("# normconf report diff\n")
+
+
+def test_merge_refuses_to_overwrite_an_input(tmp_path):
+    source = tmp_path / "a.json"
+    source.write_text("{}", encoding="utf-8")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "suites.reports",
+            "merge",
+            str(source),
+            "--output",
+            str(source),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "the output is also an input" in completed.stderr
+    assert source.read_text(encoding="utf-8") == "{}"
