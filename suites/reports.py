@@ -1,16 +1,18 @@
-"""Merge normconf JSON reports and render a report as Markdown.
+"""Merge normconf JSON reports and render a report as Markdown or HTML.
 
     python -m suites.reports merge reports/torch.json reports/mxnet.json \\
         --output reports/merged.json
     python -m suites.reports merge reports --output reports/merged.json
     python -m suites.reports markdown reports/merged.json --output reports/summary.md
+    python -m suites.reports html reports/merged.json --output reports/summary.html
     python -m suites.reports diff old.json new.json --output reports/diff.md
 
 `merge` reads reports written by `pytest suites --report PATH` (schema
 `normconf-report`) or by an earlier merge (schema `normconf-merged-report`) and writes
 one merged report. A folder argument means every *.json file directly inside it
 except merged reports, so that a merge into that folder can run again. `markdown`
-reads either kind of report and writes a summary for a CI job page. `diff` compares
+reads either kind of report and writes a summary for a CI job page. `html` writes one
+self-contained page with a filterable heatmap of error / budget. `diff` compares
 two reports of either kind, prints the records whose verdict or error changed, and
 exits with status 1 when a record regressed, so that a CI job can fail on it.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import html
 import json
 import math
 import re
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from suites import cases, report
-from suites.verdicts import VERDICTS
+from suites.verdicts import VERDICTS, json_number
 
 MERGED_SCHEMA = "normconf-merged-report"
 MERGED_SCHEMA_VERSION = 1
@@ -836,6 +839,363 @@ def render_diff(diff: Diff) -> str:
     return "\n".join(lines) + "\n"
 
 
+# HTML rendering.
+
+# A cell whose records have no error / budget ratio shows the letter of the first
+# of these verdicts among its records, on that verdict's patterned background.
+HTML_MARKS = {
+    "error": "E",
+    "fail": "F",
+    "rejected": "R",
+    "deviation": "D",
+    "unsupported": "U",
+    "pass": "P",
+}
+OVER_BUDGET_COLOUR = "#7b1fa2"
+HTML_FILTERS = ("framework", "device", "dtype", "quantity")
+
+HTML_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table.heatmap { border-collapse: collapse; font-size: 0.8em; }
+table.heatmap th, table.heatmap td { border: 1px solid #bbb; padding: 2px 4px; }
+table.heatmap th.case { writing-mode: vertical-rl; font-weight: normal; }
+table.heatmap th.row { text-align: left; white-space: nowrap; }
+table.heatmap td { min-width: 2.2em; text-align: center; cursor: pointer; }
+table.heatmap td.selected { outline: 3px solid #000; }
+td.over { color: #fff; font-weight: bold; }
+td.mark { font-weight: bold; }
+td.mark-error { background: repeating-linear-gradient(45deg, #333 0 4px, #666 4px 8px);
+  color: #fff; }
+td.mark-fail { background: repeating-linear-gradient(45deg, #e57373 0 4px,
+  #fff 4px 8px); }
+td.mark-rejected { background: repeating-linear-gradient(90deg, #bdbdbd 0 3px,
+  #fff 3px 6px); }
+td.mark-deviation { background: repeating-linear-gradient(0deg, #ffd54f 0 3px,
+  #fff 3px 6px); }
+td.mark-unsupported { background: #eee; color: #777; }
+td.mark-pass { background: #c8e6c9; }
+.filters label { margin-right: 1em; }
+#detail table { border-collapse: collapse; margin-bottom: 1em; }
+#detail th, #detail td { border: 1px solid #ccc; padding: 2px 6px; text-align: left;
+  vertical-align: top; }
+#detail td { white-space: pre-wrap; font-family: monospace; }
+"""
+
+# Re-renders the heatmap from the embedded records when a filter changes, and shows
+# a cell's records on click. It builds every element with textContent, so no
+# report text is parsed as HTML.
+# NOTE: report records carry no replay command yet. The detail shows a record's
+# `replay_command` field when present, and otherwise the item's pytest id.
+HTML_SCRIPT = """
+(function () {
+  "use strict";
+  const data = JSON.parse(document.getElementById("normconf-data").textContent);
+  const records = data.records.map(function (record, index) {
+    return { record: record, headroom: data.headroom[index] };
+  });
+  const body = document.querySelector("table.heatmap tbody");
+  const detail = document.getElementById("detail");
+
+  function selected() {
+    const values = {};
+    data.filters.forEach(function (name) {
+      values[name] = document.getElementById("filter-" + name).value;
+    });
+    return values;
+  }
+
+  function worstRatio(entries) {
+    let worst = null;
+    entries.forEach(function (entry) {
+      if (entry.headroom === null) { return; }
+      if (worst === null || Number(entry.headroom.ratio) > Number(worst.ratio)) {
+        worst = entry.headroom;
+      }
+    });
+    return worst;
+  }
+
+  function styleCell(cell, entries) {
+    const worst = worstRatio(entries);
+    if (worst !== null) {
+      cell.textContent = worst.label;
+      cell.style.background = worst.colour;
+      if (worst.over) { cell.className = "over"; }
+      return;
+    }
+    const verdicts = new Set(entries.map(function (entry) {
+      return entry.record.verdict;
+    }));
+    const verdict = Object.keys(data.marks).find(function (name) {
+      return verdicts.has(name);
+    });
+    cell.textContent = data.marks[verdict];
+    cell.className = "mark mark-" + verdict;
+  }
+
+  function text(value) {
+    if (value === null || value === undefined) { return "none"; }
+    return Array.isArray(value) ? "[" + value.join(", ") + "]" : String(value);
+  }
+
+  function itemId(record) {
+    return [record.framework, record.implementation, record.device, record.dtype,
+      record.case].join("-");
+  }
+
+  function showDetail(cell, row, caseName, entries) {
+    document.querySelectorAll("td.selected").forEach(function (other) {
+      other.classList.remove("selected");
+    });
+    cell.classList.add("selected");
+    detail.replaceChildren();
+    const heading = document.createElement("h2");
+    heading.textContent = row + " " + caseName + " (" + entries.length + " records)";
+    detail.appendChild(heading);
+    entries.forEach(function (entry) {
+      const record = entry.record;
+      const rows = [
+        ["item", record.device + " " + record.dtype + " " + record.quantity],
+        ["verdict", record.verdict],
+        ["message", record.message],
+        ["worst index", text(record.worst_index)],
+        ["got", text(record.got)],
+        ["expected", text(record.expected)],
+        ["error", text(record.error)],
+        ["budget", text(record.budget)],
+      ];
+      if (record.replay_command) {
+        rows.push(["replay", record.replay_command]);
+      } else {
+        rows.push(["pytest id", itemId(record)]);
+      }
+      const table = document.createElement("table");
+      rows.forEach(function (pair) {
+        const line = table.insertRow();
+        const name = document.createElement("th");
+        name.textContent = pair[0];
+        line.appendChild(name);
+        line.insertCell().textContent = pair[1];
+      });
+      detail.appendChild(table);
+    });
+  }
+
+  function render() {
+    const values = selected();
+    const kept = records.filter(function (entry) {
+      return data.filters.every(function (name) {
+        return values[name] === "" || entry.record[name] === values[name];
+      });
+    });
+    const cells = new Map();
+    kept.forEach(function (entry) {
+      const row = entry.record.framework + "/" + entry.record.implementation;
+      const key = JSON.stringify([row, entry.record.case]);
+      if (!cells.has(key)) { cells.set(key, []); }
+      cells.get(key).push(entry);
+    });
+    body.replaceChildren();
+    data.rows.forEach(function (row) {
+      const present = data.columns.some(function (column) {
+        return cells.has(JSON.stringify([row, column.case]));
+      });
+      if (!present) { return; }
+      const line = body.insertRow();
+      const label = document.createElement("th");
+      label.className = "row";
+      label.textContent = row;
+      line.appendChild(label);
+      data.columns.forEach(function (column) {
+        const cell = line.insertCell();
+        const entries = cells.get(JSON.stringify([row, column.case]));
+        if (!entries) { return; }
+        styleCell(cell, entries);
+        cell.tabIndex = 0;
+        cell.title = row + " " + column.case;
+        const show = function () { showDetail(cell, row, column.case, entries); };
+        cell.addEventListener("click", show);
+        cell.addEventListener("keydown", function (event) {
+          if (event.key === "Enter") { show(); }
+        });
+      });
+    });
+    detail.replaceChildren();
+  }
+
+  data.filters.forEach(function (name) {
+    document.getElementById("filter-" + name).addEventListener("change", render);
+  });
+  render();
+})();
+"""
+
+
+def headroom_colour(ratio: float) -> str:
+    """Return the cell colour of an error / budget ratio: a hue from green at 0 to
+    red at 1, and OVER_BUDGET_COLOUR above 1."""
+    if ratio > 1:
+        return OVER_BUDGET_COLOUR
+    hue = round(120 * (1 - ratio))
+    return f"hsl({hue}, 70%, 62%)"
+
+
+def _html_headroom(record: dict) -> dict | None:
+    """Return the ratio, cell label and colour of a record, or None without a
+    ratio. An infinite ratio is the string "Infinity", as in the reports."""
+    ratio = headroom(record)
+    if ratio is None:
+        return None
+    return {
+        "ratio": json_number(ratio),
+        "label": "inf" if math.isinf(ratio) else f"{ratio:.2g}",
+        "colour": headroom_colour(ratio),
+        "over": ratio > 1,
+    }
+
+
+def _case_columns(results: list[dict]) -> list[dict]:
+    """Return the cases that have records, grouped by case group in catalogue
+    order, with cases missing from the catalogue last, in the group "other"."""
+    present = {record["case"] for record in results}
+    ordered = [case.name for case in cases.CATALOGUE if case.name in present]
+    ordered += sorted(present - set(ordered))
+    group_order = list(dict.fromkeys(case.group for case in cases.CATALOGUE))
+    group_order.append(UNKNOWN_GROUP)
+    ordered.sort(key=lambda name: group_order.index(case_group(name)))
+    return [{"case": name, "group": case_group(name)} for name in ordered]
+
+
+def _script_json(payload: dict) -> str:
+    """Return payload as JSON that cannot end its <script> element early: "<", ">"
+    and "&" only occur inside JSON strings, where the \\u escapes decode back."""
+    text = json.dumps(payload, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _html_cell(entries: list[tuple[dict, dict | None]]) -> str:
+    """Return the initial <td> of a cell, as the page's script renders it."""
+    ratios = [ratio for _, ratio in entries if ratio is not None]
+    if ratios:
+        worst = max(ratios, key=lambda ratio: float(ratio["ratio"]))
+        over = ' class="over"' if worst["over"] else ""
+        return f'<td{over} style="background: {worst["colour"]}">{worst["label"]}</td>'
+    verdicts = {record["verdict"] for record, _ in entries}
+    verdict = next(name for name in HTML_MARKS if name in verdicts)
+    return f'<td class="mark mark-{verdict}">{HTML_MARKS[verdict]}</td>'
+
+
+def _html_heatmap(
+    results: list[dict], ratios: list[dict | None], columns: list[dict]
+) -> list[str]:
+    groups = Counter(column["group"] for column in columns)
+    lines = ['<table class="heatmap">', "<thead>", "<tr><th></th>"]
+    lines += [
+        f'<th colspan="{count}">{html.escape(group)}</th>'
+        for group, count in groups.items()
+    ]
+    lines += ["</tr>", "<tr><th>framework/implementation</th>"]
+    lines += [
+        f'<th class="case">{html.escape(column["case"])}</th>' for column in columns
+    ]
+    lines += ["</tr>", "</thead>", "<tbody>"]
+
+    cells: dict[tuple[str, str], list[tuple[dict, dict | None]]] = {}
+    for record, ratio in zip(results, ratios, strict=True):
+        row = f"{record['framework']}/{record['implementation']}"
+        cells.setdefault((row, record["case"]), []).append((record, ratio))
+    for row in sorted({row for row, _ in cells}):
+        lines.append(f'<tr><th class="row">{html.escape(row)}</th>')
+        for column in columns:
+            entries = cells.get((row, column["case"]))
+            lines.append(_html_cell(entries) if entries else "<td></td>")
+        lines.append("</tr>")
+    lines += ["</tbody>", "</table>"]
+    return lines
+
+
+def _html_filters(results: list[dict]) -> list[str]:
+    lines = ['<p class="filters">']
+    for name in HTML_FILTERS:
+        values = sorted({record[name] for record in results})
+        options = ['<option value="">all</option>']
+        options += [
+            f'<option value="{html.escape(value)}">{html.escape(value)}</option>'
+            for value in values
+        ]
+        lines.append(
+            f'<label>{name} <select id="filter-{name}">{"".join(options)}'
+            "</select></label>"
+        )
+    lines.append("</p>")
+    return lines
+
+
+def _html_legend() -> str:
+    marks = ", ".join(f"{letter} {verdict}" for verdict, letter in HTML_MARKS.items())
+    return (
+        "<p>Each cell holds the records of one framework implementation and one "
+        "case that the filters keep. Its number and colour are the largest error / "
+        "budget among them: green at 0, through yellow, to red at 1, and purple "
+        "above 1, which is outside the budget (inf is a NaN or infinity where a "
+        "finite value was expected). A cell whose records have no error / budget "
+        f"ratio shows a letter on a patterned background: {marks}, the first of "
+        "these among its records. Click a cell, or press Enter on it, to list its "
+        "records below the table.</p>"
+    )
+
+
+def render_html(document: dict) -> str:
+    """Return a self-contained HTML page of a merged report document: a heatmap of
+    framework implementation by case with filters and per-record detail. The page
+    loads nothing: its style, script and records are inline."""
+    results = document["results"]
+    ratios = [_html_headroom(record) for record in results]
+    columns = _case_columns(results)
+    payload = {
+        "filters": list(HTML_FILTERS),
+        "marks": HTML_MARKS,
+        "rows": sorted(
+            {f"{record['framework']}/{record['implementation']}" for record in results}
+        ),
+        "columns": columns,
+        "records": results,
+        "headroom": ratios,
+    }
+    versions = framework_versions(document)
+    framework_items = [
+        f"<li>{html.escape(name)} {html.escape(', '.join(versions[name]))}</li>"
+        for name in sorted(versions)
+    ]
+
+    lines = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        "<title>normconf conformance heatmap</title>",
+        f"<style>{HTML_STYLE}</style>",
+        "</head>",
+        "<body>",
+        "<h1>normconf conformance heatmap</h1>",
+        f"<p>{len(results)} records from {len(document['sources'])} reports, "
+        f"merged {html.escape(str(document.get('created') or '?'))}.</p>",
+        "<ul>",
+        *(framework_items or ["<li>No records.</li>"]),
+        "</ul>",
+        _html_legend(),
+        *_html_filters(results),
+        *_html_heatmap(results, ratios, columns),
+        '<section id="detail"></section>',
+        '<script type="application/json" id="normconf-data">'
+        f"{_script_json(payload)}</script>",
+        f"<script>{HTML_SCRIPT}</script>",
+        "</body>",
+        "</html>",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # Command line.
 
 
@@ -877,6 +1237,11 @@ def command_markdown(arguments: argparse.Namespace) -> None:
     _write_text(arguments.output, render_markdown(document))
 
 
+def command_html(arguments: argparse.Namespace) -> None:
+    document = merge([load(arguments.report)])
+    _write_text(arguments.output, render_html(document))
+
+
 def command_diff(arguments: argparse.Namespace) -> int:
     old = load(arguments.old)
     new = load(arguments.new)
@@ -892,7 +1257,8 @@ def command_diff(arguments: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m suites.reports",
-        description="Merge normconf JSON reports, or render one as Markdown.",
+        description="Merge normconf JSON reports, render one as Markdown or HTML, "
+        "or compare two.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -930,6 +1296,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="Markdown file to write",
     )
     markdown_parser.set_defaults(run=command_markdown)
+
+    html_parser = commands.add_parser(
+        "html",
+        help="write a self-contained HTML heatmap of a report",
+        description="Write one HTML file with a heatmap of error / budget per "
+        "framework implementation and case, filters and per-record detail. The "
+        "file loads nothing from elsewhere.",
+    )
+    html_parser.add_argument("report", type=Path, metavar="REPORT")
+    html_parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="HTML file to write",
+    )
+    html_parser.set_defaults(run=command_html)
 
     diff_parser = commands.add_parser(
         "diff",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -868,3 +869,132 @@ def test_merge_refuses_to_overwrite_an_input(tmp_path):
     assert completed.returncode == 2
     assert "the output is also an input" in completed.stderr
     assert source.read_text(encoding="utf-8") == "{}"
+
+
+# HTML.
+
+DATA_ELEMENT = re.compile(
+    r'<script type="application/json" id="normconf-data">(.*?)</script>', re.DOTALL
+)
+
+
+def render_html(capsys, report: str, output: str = "summary.html") -> str:
+    status = reports.main(["html", report, "--output", output])
+    assert status == 0, capsys.readouterr().err
+    return Path(output).read_text(encoding="utf-8")
+
+
+def embedded_data(text: str) -> dict:
+    matches = DATA_ELEMENT.findall(text)
+    assert len(matches) == 1
+    return json.loads(matches[0])
+
+
+def heatmap_rows(text: str) -> list[str]:
+    body = text.split('<table class="heatmap">', 1)[1].split("</table>", 1)[0]
+    body = body.split("<tbody>", 1)[1]
+    return re.findall(r'<tr><th class="row">([^<]*)</th>', body)
+
+
+def test_html_loads_nothing_external(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "fault.json", "--output", "m.json")[0] == 0
+    text = render_html(capsys, "m.json")
+    assert text.startswith("<!DOCTYPE html>")
+    assert "http://" not in text
+    assert "https://" not in text
+    assert "src=" not in text
+    assert "href=" not in text
+    assert "url(" not in text
+    assert "@import" not in text
+
+
+def test_html_embeds_every_record(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "fault.json", "--output", "m.json")[0] == 0
+    text = render_html(capsys, "m.json")
+    merged = read(workdir / "m.json")
+    data = embedded_data(text)
+    assert data["records"] == merged["results"]
+    assert len(data["headroom"]) == len(merged["results"])
+    assert data["filters"] == ["framework", "device", "dtype", "quantity"]
+
+
+def test_html_header_versions(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "fault.json", "--output", "m.json")[0] == 0
+    text = render_html(capsys, "m.json")
+    merged = read(workdir / "m.json")
+    for framework, versions in reports.framework_versions(merged).items():
+        assert f"<li>{framework} {', '.join(versions)}</li>" in text
+
+
+def test_html_one_row_per_implementation(workdir, capsys):
+    assert run_merge(capsys, "kernel.json", "fault.json", "--output", "m.json")[0] == 0
+    text = render_html(capsys, "m.json")
+    rows = heatmap_rows(text)
+    assert rows == ["fault-one-pass-variance/kernel", "numpy-float32/kernel"]
+    assert embedded_data(text)["rows"] == rows
+
+
+def test_html_cells_by_case_group(workdir, capsys):
+    text = render_html(capsys, "fault.json")
+    fault = read(workdir / "fault.json")
+    data = embedded_data(text)
+    assert data["columns"] == [
+        {"case": "random-2d", "group": "shape"},
+        {"case": "large-mean-1e4", "group": "conditioning"},
+    ]
+    assert '<th colspan="1">shape</th>' in text
+    assert '<th colspan="1">conditioning</th>' in text
+
+    row = text.split('<th class="row">fault-one-pass-variance/kernel</th>', 1)[1]
+    cells = re.findall(r"<td[^>]*>[^<]*</td>", row)[:2]
+    shape = [r for r in fault["results"] if r["case"] == "random-2d"]
+    worst = max(reports.headroom(r) for r in shape)
+    assert worst <= 1
+    assert cells[0].endswith(f">{worst:.2g}</td>")
+    assert reports.headroom_colour(worst) in cells[0]
+    # large-mean-1e4 fails with a non-finite output: over budget, shown as inf.
+    assert cells[1] == (
+        f'<td class="over" style="background: {reports.OVER_BUDGET_COLOUR}">inf</td>'
+    )
+
+
+def test_html_marks_cells_without_ratio(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    m1 = [r for r in document["results"] if r["case"] == "M1"]
+    for record in m1:
+        record.update(verdict="rejected", conforming=True, error=None, budget=None)
+    write(workdir / "rejecting.json", document)
+    text = render_html(capsys, "rejecting.json")
+    assert '<td class="mark mark-rejected">R</td>' in text
+
+
+def test_headroom_colour_scale():
+    assert reports.headroom_colour(0.0) == "hsl(120, 70%, 62%)"
+    assert reports.headroom_colour(1.0) == "hsl(0, 70%, 62%)"
+    assert reports.headroom_colour(1.01) == reports.OVER_BUDGET_COLOUR
+    assert reports.headroom_colour(math.inf) == reports.OVER_BUDGET_COLOUR
+
+
+def test_html_message_cannot_end_script(workdir, capsys):
+    document = read(workdir / "kernel.json")
+    message = "bad </script><b>bold</b> <!-- & more"
+    document["results"][0]["message"] = message
+    document["results"][0]["case"] = "</script><b>case"
+    write(workdir / "hostile.json", document)
+    text = render_html(capsys, "hostile.json")
+
+    assert "</script><b>" not in text
+    assert "<b>" not in text
+    assert "<!--" not in text
+    assert text.count("</script>") == 2
+    data = embedded_data(text)
+    assert data["records"][0]["message"] == message
+    assert "&lt;/script&gt;&lt;b&gt;case" in text
+
+
+def test_html_rejects_bad_input(workdir, capsys):
+    write(workdir / "other.json", {"schema": "something-else"})
+    status = reports.main(["html", "other.json", "--output", "summary.html"])
+    assert status == 2
+    assert "other.json: not a normconf report" in capsys.readouterr().err
+    assert not (workdir / "summary.html").exists()
