@@ -18,23 +18,13 @@ import pytest
 from adapters.contract import Implementation
 from suites import cases, replay
 from suites.verdicts import Item, build_request
+from tests.subprocess_runs import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE_ERROR = 4
 FAULT = "tests.faults:OnePassVariance"
 CORRECT = "tests.faults:Float32Kernel"
 BUNDLE_ID = "fault-one-pass-variance-kernel-cpu-float32-large-mean-1e4"
-
-
-def run_suite(*arguments: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    return subprocess.run(
-        [*command, *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def run_replay(*arguments: str) -> subprocess.CompletedProcess:

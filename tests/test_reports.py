@@ -18,19 +18,13 @@ from pathlib import Path
 import pytest
 
 from suites import reports
+from tests.subprocess_runs import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_suite_report(path: Path, *arguments: str) -> None:
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    completed = subprocess.run(
-        [*command, *arguments, f"--report={path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    completed = run_suite(*arguments, f"--report={path}")
     assert path.exists(), completed.stdout[-3000:] + completed.stderr[-3000:]
 
 

@@ -7,28 +7,15 @@ framework installed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from suites import deviations
+from tests.subprocess_runs import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE_ERROR = 4
-
-
-def run_suite(*arguments: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    return subprocess.run(
-        [*command, *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def read_report(path: Path) -> dict:
@@ -228,30 +215,14 @@ def test_wrong_contract_version_rejected(tmp_path):
         "    contract_version = 0\n",
         encoding="utf-8",
     )
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    completed = subprocess.run(
-        [*command, "--adapter=old_adapter:OldAdapter"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-    )
+    completed = run_suite("--adapter=old_adapter:OldAdapter", python_path=tmp_path)
     assert completed.returncode == USAGE_ERROR
     assert "contract_version 0" in completed.stderr
 
 
 def run_with_module(tmp_path: Path, source: str, *arguments: str):
     (tmp_path / "trial_adapter.py").write_text(source, encoding="utf-8")
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    return subprocess.run(
-        [*command, *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-    )
+    return run_suite(*arguments, python_path=tmp_path)
 
 
 BASE = "from tests.faults import Float32Kernel\n"
@@ -417,15 +388,7 @@ def test_no_adapter_at_all_is_usage_error(tmp_path):
         (tmp_path / f"{name}.py").write_text(
             f"raise ImportError('{name} hidden by the test')\n", encoding="utf-8"
         )
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    completed = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-    )
+    completed = run_suite(python_path=tmp_path)
     assert completed.returncode == USAGE_ERROR, completed.stdout[-2000:]
     assert "no adapter to run" in completed.stderr
 
@@ -466,20 +429,12 @@ def test_gpu_selects_cuda_devices(tmp_path):
         encoding="utf-8",
     )
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
-    completed = subprocess.run(
-        [
-            *command,
-            "--adapter=trial_adapter:A",
-            "--devices=gpu",
-            "--cases=M1",
-            f"--report={report}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    completed = run_suite(
+        "--adapter=trial_adapter:A",
+        "--devices=gpu",
+        "--cases=M1",
+        f"--report={report}",
+        python_path=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     devices = {record["device"] for record in read_report(report)["results"]}
