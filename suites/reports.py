@@ -1254,6 +1254,14 @@ def command_diff(arguments: argparse.Namespace) -> int:
     return REGRESSED_STATUS if diff.regressed else 0
 
 
+def _add_output(
+    parser: argparse.ArgumentParser, help_text: str, required: bool = True
+) -> None:
+    parser.add_argument(
+        "--output", required=required, type=Path, metavar="PATH", help=help_text
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m suites.reports",
@@ -1272,13 +1280,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser.add_argument(
         "reports", nargs="+", metavar="REPORT", help="report file or folder"
     )
-    merge_parser.add_argument(
-        "--output",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="merged report to write",
-    )
+    _add_output(merge_parser, "merged report to write")
     merge_parser.set_defaults(run=command_merge)
 
     markdown_parser = commands.add_parser(
@@ -1288,13 +1290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for a CI job summary.",
     )
     markdown_parser.add_argument("report", type=Path, metavar="REPORT")
-    markdown_parser.add_argument(
-        "--output",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="Markdown file to write",
-    )
+    _add_output(markdown_parser, "Markdown file to write")
     markdown_parser.set_defaults(run=command_markdown)
 
     html_parser = commands.add_parser(
@@ -1305,13 +1301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file loads nothing from elsewhere.",
     )
     html_parser.add_argument("report", type=Path, metavar="REPORT")
-    html_parser.add_argument(
-        "--output",
-        required=True,
-        type=Path,
-        metavar="PATH",
-        help="HTML file to write",
-    )
+    _add_output(html_parser, "HTML file to write")
     html_parser.set_defaults(run=command_html)
 
     diff_parser = commands.add_parser(
@@ -1324,11 +1314,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff_parser.add_argument("old", type=Path, metavar="OLD", help="earlier report")
     diff_parser.add_argument("new", type=Path, metavar="NEW", help="later report")
-    diff_parser.add_argument(
-        "--output",
-        type=Path,
-        metavar="PATH",
-        help="Markdown file to write the comparison to, besides printing it",
+    _add_output(
+        diff_parser,
+        "Markdown file to write the comparison to, besides printing it",
+        required=False,
     )
     diff_parser.set_defaults(run=command_diff)
     return parser
