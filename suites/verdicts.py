@@ -64,36 +64,17 @@ class Record:
 
 
 @functools.lru_cache(maxsize=8)
-def expected_results(
+def catalogue_reference(
     case: Case, dtype: str, seed: int, eps: float | None = None
-) -> reference.Expected:
-    """Return the float64 reference for the case's inputs rounded to `dtype`, with
-    the case's eps or, when given, the eps the framework received.
+) -> tuple[reference.Expected, dict[str, np.ndarray]]:
+    """Return the float64 reference and the error scales for the case's inputs
+    rounded to `dtype`, with the case's eps or, when given, the eps the framework
+    received.
 
     Cached so that every implementation and device tested in this dtype shares it.
     """
     inputs = materialize(case, dtype, seed)
-    return reference.instance_norm(
-        inputs.x,
-        inputs.gamma,
-        inputs.beta,
-        inputs.grad_output,
-        case.eps if eps is None else eps,
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def expected_scales(
-    case: Case, dtype: str, seed: int, eps: float | None = None
-) -> dict[str, np.ndarray]:
-    inputs = materialize(case, dtype, seed)
-    return error_model.scales(
-        inputs.x,
-        inputs.gamma,
-        inputs.beta,
-        inputs.grad_output,
-        expected_results(case, dtype, seed, eps),
-    )
+    return reference_from_inputs(inputs, case.eps if eps is None else eps)
 
 
 # The formats in which a framework's interface may store eps, as ONNX stores its
@@ -237,8 +218,7 @@ def judge_result(
         return [item.record(q, "error", False, problem) for q in quantities]
     units = dtypes.judging_dtype(dtype, result.compute_dtype)
     if inputs is None:
-        expected = expected_results(case, dtype, seed, eps)
-        scale = expected_scales(case, dtype, seed, eps)
+        expected, scale = catalogue_reference(case, dtype, seed, eps)
     else:
         expected, scale = reference_from_inputs(
             inputs, case.eps if eps is None else eps
