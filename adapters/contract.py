@@ -19,8 +19,8 @@ Contract version 1:
 - `math_modes()`: optional, the framework's switches that change floating-point
   precision (TF32 and the like) as a name-to-value mapping, recorded in the report.
 - `run(request)`: compute one case and return a `Result`. Raise `Rejected` when the
-  framework refuses the input (its own error for that input); any other exception is
-  treated as the adapter breaking and gets the verdict `error`.
+  framework rejects the input with its own error for that input. Any other exception
+  means the adapter broke, and the item gets the verdict `error`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Rejected(Exception):
 class Implementation:
     """One way an adapter computes the operator, e.g. a native op or a reshape.
 
-    `gradient_reason` says why there are no gradients when `gradients` is False.
+    `gradient_reason` gives the reason there are no gradients when `gradients` is
+    False.
     `layouts` lists the layouts of x the implementation accepts without transposes.
     """
 
@@ -104,7 +105,7 @@ class Result:
     normconf spells dtypes ("float32").
 
     `compute_dtype` names the format the framework computed in, when the adapter
-    knows it: "float32" for float16 input that a kernel computes in float32, or
+    has measured it: "float32" for float16 input that a kernel computes in float32, or
     "tfloat32" for float32 math on TF32 tensor cores. A result is judged in the units
     of the tested dtype, except that "tfloat32" on float32 input sets TF32's units;
     any other format coarser than the tested dtype is an `error`.

@@ -66,8 +66,8 @@ SCHEMA_TYPE_NAMES = {
 
 # onnxruntime's Python API converts no NumPy array to or from bfloat16, so a
 # bfloat16 graph takes and returns float32 and casts at its boundary. Both casts are
-# exact: the requests' float32 arrays hold bfloat16 values, and float32 holds every
-# bfloat16 value.
+# exact, because the requests' float32 arrays contain bfloat16 values and float32
+# represents every bfloat16 value.
 BOUNDARY_TYPES = {**ONNX_TYPES, "bfloat16": TensorProto.FLOAT}
 
 # The exceptions onnxruntime raises from C++ (none derives from RuntimeError).
@@ -131,7 +131,7 @@ GROUP_NORM_PER_CHANNEL_VERSION = 21
 
 # The signature every support probe builds: rank 2 input, three channels, eps 1e-5.
 # onnxruntime registers kernels per operator version, dtype and provider, not per
-# shape or attribute value, so one signature tells which dtypes run.
+# shape or attribute value, so one signature shows which dtypes run.
 PROBE_RANK = 2
 PROBE_CHANNELS = 3
 PROBE_EPS = 1e-5
@@ -190,7 +190,7 @@ def _instance_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
 
 def _group_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
     # stash_type is the precision of the statistics: float32 by default, which
-    # would round float64 input to float32, so float64 asks for float64.
+    # would round float64 input to float32, so float64 input requests float64.
     stash = TensorProto.DOUBLE if signature.dtype == "float64" else TensorProto.FLOAT
     return [
         helper.make_node(
@@ -496,8 +496,9 @@ def _probe_provider(provider: str) -> str | None:
     if provider not in onnxruntime.get_available_providers():
         return f"{_package_description()} was not built with {provider}"
     model = _identity_model(7, _minimum_ir_version(7))
-    # A provider whose libraries fail to load says why only in onnxruntime's default
-    # log, on the process's stderr; the probe captures it for the device's reason.
+    # A provider whose libraries fail to load reports why only in onnxruntime's
+    # default log on the process's stderr, so the probe captures that stream and
+    # uses it as the device's reason.
     with tempfile.TemporaryFile(mode="w+b") as log:
         saved = os.dup(2)
         os.dup2(log.fileno(), 2)

@@ -83,7 +83,7 @@ def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
         return None
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
-        # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
+        # NumPy has no bfloat16, and float32 represents every bfloat16 value exactly.
         tensor = tensor.to(torch.float32)
     return tensor.numpy()
 

@@ -351,15 +351,15 @@ def _device_names(name: str) -> set[str]:
     return names
 
 
-def _device_selected(device: Device, wanted: list[str]) -> bool:
-    if not wanted:
+def _device_selected(device: Device, requested: list[str]) -> bool:
+    if not requested:
         return True
-    return bool(_device_names(device.name) & set(wanted))
+    return bool(_device_names(device.name) & set(requested))
 
 
 def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
-    wanted = _split(config.getoption("devices"))
-    if not wanted or not adapters:
+    requested = _split(config.getoption("devices"))
+    if not requested or not adapters:
         return
     known = {
         name
@@ -367,7 +367,7 @@ def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
         for device in adapter.devices()
         for name in _device_names(device.name)
     }
-    unknown = [name for name in wanted if name not in known]
+    unknown = [name for name in requested if name not in known]
     if unknown:
         raise pytest.UsageError(
             f"--devices: unknown device {', '.join(unknown)}; "
@@ -378,12 +378,12 @@ def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
 def targets(config: pytest.Config) -> list[Target]:
     """Expand the selected adapters, devices, dtypes and cases into items."""
     state = config.stash[state_key]
-    wanted_devices = _split(config.getoption("devices"))
-    wanted_dtypes = _split(config.getoption("dtypes"))
-    wanted_cases = _split(config.getoption("cases"))
+    selected_devices = _split(config.getoption("devices"))
+    selected_dtypes = _split(config.getoption("dtypes"))
+    selected_case_names = _split(config.getoption("cases"))
     selected_cases = (
-        [cases.by_name(name) for name in wanted_cases]
-        if wanted_cases
+        [cases.by_name(name) for name in selected_case_names]
+        if selected_case_names
         else list(cases.CATALOGUE)
     )
     seed = config.getoption("seed")
@@ -392,9 +392,9 @@ def targets(config: pytest.Config) -> list[Target]:
     for adapter in state.adapters:
         for implementation in adapter.implementations():
             for device in adapter.devices():
-                if not _device_selected(device, wanted_devices):
+                if not _device_selected(device, selected_devices):
                     continue
-                for dtype in wanted_dtypes:
+                for dtype in selected_dtypes:
                     for case in selected_cases:
                         item = Item(
                             adapter.framework,
@@ -439,8 +439,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"devices {'; '.join(devices)}"
         )
         modes = getattr(adapter, "math_modes", None)
-        if callable(modes) and modes():
-            settings = ", ".join(f"{name} = {value}" for name, value in modes().items())
+        settings = ", ".join(
+            f"{name} = {value}"
+            for name, value in (modes() if callable(modes) else {}).items()
+        )
+        if settings:
             lines.append(f"normconf: {adapter.framework} math modes: {settings}")
     for missing in state.missing:
         lines.append(f"normconf: {missing.framework} not installed ({missing.reason})")

@@ -293,7 +293,7 @@ def test_undeclared_float32_eps_fails_in_float64():
 
 
 @pytest.mark.parametrize("declared", [2e-3, "1e-3", True])
-def test_declared_eps_that_is_not_a_rounding_is_error(declared):
+def test_unrounded_declared_eps_is_error(declared):
     adapter = Float32EpsAttribute()
     adapter.declared = declared
     records = float64_verdicts(adapter, "eps1e-3")
