@@ -450,12 +450,38 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-def record_verdicts(node: pytest.Item, target: Target, records: list) -> list[dict]:
-    """Apply the known deviations to an item's records and attach them to its test
-    report (which also carries them across xdist workers). Returns the records."""
+def record_verdicts(
+    node: pytest.Item,
+    target: Target,
+    records: list,
+    command: str,
+    inputs: cases.Inputs | None,
+) -> list[dict]:
+    """Turn an item's records into report rows and attach them to its test report
+    (which also carries them across xdist workers). Returns the rows.
+
+    Each row gets the known deviations applied, the pytest command that reruns the
+    item, and, when the item ran (`inputs` are the arrays it ran on), a summary of
+    its inputs and of the x slice around its worst element. With --replay-dir, a
+    non-conforming item's rows also get the command that replays its bundle.
+    """
     state = node.config.stash[state_key]
     rows = [dataclasses.asdict(record) for record in records]
     deviations.apply(rows, state.deviations, target.adapter.version())
+    bundle = write_replay_bundle(node, target, rows, command)
+    source = state.sources[target.adapter.framework]
+    summary = None
+    if inputs is not None:
+        summary = report.inputs_summary(target.item.case, target.item.seed, inputs)
+    for row in rows:
+        row["command"] = command
+        row["replay_command"] = (
+            replay.replay_command(bundle, source) if bundle else None
+        )
+        row["inputs"] = summary
+        row["worst_slice"] = (
+            report.worst_slice(inputs, row["worst_index"]) if inputs else None
+        )
     node.user_properties.append((RECORDS_KEY, rows))
     return rows
 
@@ -463,7 +489,7 @@ def record_verdicts(node: pytest.Item, target: Target, records: list) -> list[di
 def write_replay_bundle(
     node: pytest.Item, target: Target, rows: list[dict], command: str
 ) -> Path | None:
-    """Write a replay bundle for the item when --replay-dir is set and a record is
+    """Write a replay bundle for the item when --replay-dir is set and a row is
     non-conforming. Returns the bundle's folder, or None when none is written."""
     directory = node.config.getoption("replay_dir")
     if not directory or all(row["conforming"] for row in rows):
@@ -553,10 +579,21 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     report.write(document, Path(path))
 
 
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+# A wrapper that runs first, so that its part after the yield comes after pytest's
+# own summary sections, "short test summary info" included: the verdict table and
+# the report paths end the output, before the final counts line.
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, config: pytest.Config):
+    result = yield
     state = config.stash.get(state_key, None)
-    if state is None or not state.records:
-        return
+    if state is not None and state.records:
+        write_summary(terminalreporter, config, state)
+    return result
+
+
+def write_summary(terminalreporter, config: pytest.Config, state: State) -> None:
+    """Write the verdict table, the deviation entries to review and the paths of
+    every file the run wrote."""
     terminalreporter.section("normconf verdicts")
     terminalreporter.write_line(
         "records per verdict: one record per (item, quantity), so an item counts "
@@ -584,9 +621,15 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line(
             f"unexercised: {entry.describe()} selected no record that ran"
         )
-    updated = config.getoption("update_deviations")
-    if updated:
-        terminalreporter.write_line(f"deviations for review: {Path(updated).resolve()}")
-    path = config.getoption("report")
-    if path:
-        terminalreporter.write_line(f"report: {Path(path).resolve()}")
+    paths = [
+        ("deviations for review", config.getoption("update_deviations")),
+        ("report", config.getoption("report")),
+        ("JUnit XML", getattr(config.option, "xmlpath", None)),
+        ("replay bundles", config.getoption("replay_dir")),
+    ]
+    bundles = {row["replay_command"] for row in state.records if row["replay_command"]}
+    for label, path in paths:
+        if label == "replay bundles" and path:
+            label = f"replay bundles ({len(bundles)} written)"
+        if path:
+            terminalreporter.write_line(f"{label}: {Path(path).resolve()}")

@@ -75,6 +75,14 @@ def replay_options(source: tuple[str, str]) -> list[str]:
     return [f"--{kind}", name]
 
 
+def replay_command(bundle: Path, source: tuple[str, str]) -> str:
+    """Return the command that replays the bundle in folder `bundle` through the
+    adapter loaded from `source`."""
+    return shlex.join(
+        ["python", "-m", "suites.replay", str(bundle), *replay_options(source)]
+    )
+
+
 def write_bundle(
     directory: Path,
     adapter: object,
@@ -123,9 +131,7 @@ def write_bundle(
         "gradients": implementation.gradients,
         "records": [_record_summary(row) for row in rows],
         "command": command,
-        "replay_command": shlex.join(
-            ["python", "-m", "suites.replay", str(bundle), *replay_options(source)]
-        ),
+        "replay_command": replay_command(bundle, source),
     }
     text = json.dumps(metadata, indent=2, allow_nan=False)
     (bundle / ITEM_FILE).write_text(text + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from suites.cases import Case, Inputs
 from suites.verdicts import VERDICTS, json_number
 
 SCHEMA = "normconf-report"
@@ -23,6 +24,65 @@ def _clean(record: dict) -> dict:
     for key in ("error", "budget", "got", "expected"):
         cleaned[key] = json_number(cleaned.get(key))
     return cleaned
+
+
+def array_summary(values: np.ndarray) -> dict:
+    """Return the count, the number of NaN and infinite elements, and the minimum,
+    maximum, mean and standard deviation of the finite ones, in float64."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    finite = flat[np.isfinite(flat)]
+    stats = {"count": int(flat.size), "nan": int(np.isnan(flat).sum())}
+    stats["inf"] = int(flat.size - finite.size - stats["nan"])
+    if finite.size:
+        # Scaled to at most 1 in magnitude, so that the sums inside the mean and
+        # the standard deviation cannot overflow near float64's largest value.
+        scale = float(np.abs(finite).max()) or 1.0
+        scaled = finite / scale
+        moments = {
+            "min": float(finite.min()),
+            "max": float(finite.max()),
+            "mean": float(scaled.mean()) * scale,
+            "std": float(scaled.std()) * scale,
+        }
+    else:
+        moments = dict.fromkeys(("min", "max", "mean", "std"))
+    stats.update({name: json_number(value) for name, value in moments.items()})
+    return stats
+
+
+def inputs_summary(case: Case, seed: int, inputs: Inputs) -> dict:
+    """Return what a report reader needs to know of an item's inputs: the case's
+    parameters and a summary of each array as the framework received it (rounded
+    to the tested dtype), in (N, C, *spatial) order."""
+    arrays = {"x": inputs.x, "grad_output": inputs.grad_output}
+    if inputs.gamma is not None:
+        arrays["gamma"] = inputs.gamma
+        arrays["beta"] = inputs.beta
+    return {
+        "shape": list(case.shape),
+        "layout": case.layout,
+        "eps": case.eps,
+        "affine": case.affine,
+        "seed": seed,
+        **{name: array_summary(values) for name, values in arrays.items()},
+    }
+
+
+def worst_slice(inputs: Inputs, worst_index: list[int] | None) -> dict | None:
+    """Return a summary of the x values that share the worst element's
+    normalization slice: slice (n, c) for an element of the output or grad_input,
+    channel c across the batch for an element of grad_gamma or grad_beta."""
+    if not worst_index:
+        return None
+    if len(worst_index) == 1:
+        channel = worst_index[0]
+        return {"channel": channel, "x": array_summary(inputs.x[:, channel])}
+    sample, channel = worst_index[:2]
+    return {
+        "sample": sample,
+        "channel": channel,
+        "x": array_summary(inputs.x[sample, channel]),
+    }
 
 
 def build(

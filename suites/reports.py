@@ -485,6 +485,17 @@ def _item_line(record: dict) -> str:
     return f"- {_code(item)}: {record['verdict']}: {escape(record['message'])}"
 
 
+def _failure_lines(record: dict) -> list[str]:
+    """Return a failure's list item and, under it, the command that replays its
+    bundle or, without a bundle, the command that reruns its item."""
+    lines = [_item_line(record)]
+    if record.get("replay_command"):
+        lines.append(f"  - replay: {_code(record['replay_command'])}")
+    elif record.get("command"):
+        lines.append(f"  - rerun: {_code(record['command'])}")
+    return lines
+
+
 def render_markdown(document: dict) -> str:
     """Return the Markdown summary of a merged report document.
 
@@ -529,7 +540,9 @@ def render_markdown(document: dict) -> str:
     lines += _matrix_lines(results) if results else ["No records."]
 
     lines += ["", f"## Failures ({len(failures)})", ""]
-    lines += [_item_line(record) for record in failures] or ["None."]
+    lines += [line for record in failures for line in _failure_lines(record)] or [
+        "None."
+    ]
     lines += ["", f"## Deviations ({len(deviations)})", ""]
     lines += [_item_line(record) for record in deviations] or ["None."]
 
@@ -843,6 +856,8 @@ def render_diff(diff: Diff) -> str:
 
 # A cell whose records have no error / budget ratio shows the letter of the first
 # of these verdicts among its records, on that verdict's patterned background.
+# A cell with a ratio adds the letters of the HTML_FLAGS verdicts among its records
+# after the ratio, and a black inset border, so they are never hidden by it.
 HTML_MARKS = {
     "error": "E",
     "fail": "F",
@@ -851,6 +866,10 @@ HTML_MARKS = {
     "unsupported": "U",
     "pass": "P",
 }
+HTML_FLAGS = ("error", "rejected", "deviation")
+# Only these verdicts colour a cell by their ratio: a deviation's ratio is over
+# budget by design, and showing it in the over-budget colour would read as a failure.
+HTML_RATIO_VERDICTS = ("pass", "fail")
 OVER_BUDGET_COLOUR = "#7b1fa2"
 HTML_FILTERS = ("framework", "device", "dtype", "quantity")
 
@@ -862,6 +881,7 @@ table.heatmap th.case { writing-mode: vertical-rl; font-weight: normal; }
 table.heatmap th.row { text-align: left; white-space: nowrap; }
 table.heatmap td { min-width: 2.2em; text-align: center; cursor: pointer; }
 table.heatmap td.selected { outline: 3px solid #000; }
+td.flagged { box-shadow: inset 0 0 0 3px #000; }
 td.over { color: #fff; font-weight: bold; }
 td.mark { font-weight: bold; }
 td.mark-error { background: repeating-linear-gradient(45deg, #333 0 4px, #666 4px 8px);
@@ -884,8 +904,8 @@ td.mark-pass { background: #c8e6c9; }
 # Re-renders the heatmap from the embedded records when a filter changes, and shows
 # a cell's records on click. It builds every element with textContent, so no
 # report text is parsed as HTML.
-# NOTE: report records carry no replay command yet. The detail shows a record's
-# `replay_command` field when present, and otherwise the item's pytest id.
+# Records from reports written before records carried `command`, `inputs` and
+# `worst_slice` show the item's pytest id and no inputs rows instead.
 HTML_SCRIPT = """
 (function () {
   "use strict";
@@ -917,15 +937,21 @@ HTML_SCRIPT = """
 
   function styleCell(cell, entries) {
     const worst = worstRatio(entries);
-    if (worst !== null) {
-      cell.textContent = worst.label;
-      cell.style.background = worst.colour;
-      if (worst.over) { cell.className = "over"; }
-      return;
-    }
     const verdicts = new Set(entries.map(function (entry) {
       return entry.record.verdict;
     }));
+    if (worst !== null) {
+      const flags = data.flags.filter(function (name) {
+        return verdicts.has(name);
+      }).map(function (name) { return data.marks[name]; }).join("");
+      const classes = [];
+      if (worst.over) { classes.push("over"); }
+      if (flags) { classes.push("flagged"); }
+      cell.textContent = flags ? worst.label + " " + flags : worst.label;
+      cell.style.background = worst.colour;
+      cell.className = classes.join(" ");
+      return;
+    }
     const verdict = Object.keys(data.marks).find(function (name) {
       return verdicts.has(name);
     });
@@ -936,6 +962,43 @@ HTML_SCRIPT = """
   function text(value) {
     if (value === null || value === undefined) { return "none"; }
     return Array.isArray(value) ? "[" + value.join(", ") + "]" : String(value);
+  }
+
+  function number(value) {
+    if (typeof value !== "number") { return text(value); }
+    return String(Number(value.toPrecision(6)));
+  }
+
+  function arraySummary(stats) {
+    let line = stats.count + " values";
+    if (stats.min !== null) {
+      line += ", min " + number(stats.min) + ", max " + number(stats.max) +
+        ", mean " + number(stats.mean) + ", std " + number(stats.std);
+    }
+    if (stats.nan || stats.inf) {
+      line += ", " + stats.nan + " NaN, " + stats.inf + " infinite";
+    }
+    return line;
+  }
+
+  function inputRows(record) {
+    const inputs = record.inputs;
+    if (!inputs) { return []; }
+    const rows = [["inputs", "shape " + text(inputs.shape) + " (N, C, *spatial), " +
+      inputs.layout + ", eps " + number(inputs.eps) +
+      (inputs.affine ? ", affine" : ", no affine parameters") +
+      ", seed " + inputs.seed]];
+    ["x", "grad_output", "gamma", "beta"].forEach(function (name) {
+      if (inputs[name]) { rows.push([name, arraySummary(inputs[name])]); }
+    });
+    const slice = record.worst_slice;
+    if (slice) {
+      const where = slice.sample === undefined ?
+        "channel " + slice.channel + ", all samples" :
+        "sample " + slice.sample + ", channel " + slice.channel;
+      rows.push(["x at worst", where + ": " + arraySummary(slice.x)]);
+    }
+    return rows;
   }
 
   function itemId(record) {
@@ -964,10 +1027,14 @@ HTML_SCRIPT = """
         ["error", text(record.error)],
         ["budget", text(record.budget)],
       ];
-      if (record.replay_command) {
-        rows.push(["replay", record.replay_command]);
+      inputRows(record).forEach(function (row) { rows.push(row); });
+      if (record.command) {
+        rows.push(["rerun", record.command]);
       } else {
         rows.push(["pytest id", itemId(record)]);
+      }
+      if (record.replay_command) {
+        rows.push(["replay", record.replay_command]);
       }
       const table = document.createElement("table");
       rows.forEach(function (pair) {
@@ -1041,10 +1108,11 @@ def headroom_colour(ratio: float) -> str:
 
 
 def _html_headroom(record: dict) -> dict | None:
-    """Return the ratio, cell label and colour of a record, or None without a
-    ratio. An infinite ratio is the string "Infinity", as in the reports."""
+    """Return the ratio, cell label and colour of a record, or None for a record
+    without a ratio or with a verdict outside HTML_RATIO_VERDICTS. An infinite
+    ratio is the string "Infinity", as in the reports."""
     ratio = headroom(record)
-    if ratio is None:
+    if ratio is None or record["verdict"] not in HTML_RATIO_VERDICTS:
         return None
     return {
         "ratio": json_number(ratio),
@@ -1076,11 +1144,18 @@ def _script_json(payload: dict) -> str:
 def _html_cell(entries: list[tuple[dict, dict | None]]) -> str:
     """Return the initial <td> of a cell, as the page's script renders it."""
     ratios = [ratio for _, ratio in entries if ratio is not None]
+    verdicts = {record["verdict"] for record, _ in entries}
     if ratios:
         worst = max(ratios, key=lambda ratio: float(ratio["ratio"]))
-        over = ' class="over"' if worst["over"] else ""
-        return f'<td{over} style="background: {worst["colour"]}">{worst["label"]}</td>'
-    verdicts = {record["verdict"] for record, _ in entries}
+        flags = "".join(HTML_MARKS[name] for name in HTML_FLAGS if name in verdicts)
+        classes = []
+        if worst["over"]:
+            classes.append("over")
+        if flags:
+            classes.append("flagged")
+        attribute = f' class="{" ".join(classes)}"' if classes else ""
+        label = f"{worst['label']} {flags}" if flags else worst["label"]
+        return f'<td{attribute} style="background: {worst["colour"]}">{label}</td>'
     verdict = next(name for name in HTML_MARKS if name in verdicts)
     return f'<td class="mark mark-{verdict}">{HTML_MARKS[verdict]}</td>'
 
@@ -1133,15 +1208,18 @@ def _html_filters(results: list[dict]) -> list[str]:
 
 def _html_legend() -> str:
     marks = ", ".join(f"{letter} {verdict}" for verdict, letter in HTML_MARKS.items())
+    flags = ", ".join(HTML_MARKS[name] for name in HTML_FLAGS)
     return (
         "<p>Each cell holds the records of one framework implementation and one "
         "case that the filters keep. Its number and colour are the largest error / "
-        "budget among them: green at 0, through yellow, to red at 1, and purple "
-        "above 1, which is outside the budget (inf is a NaN or infinity where a "
-        "finite value was expected). A cell whose records have no error / budget "
-        f"ratio shows a letter on a patterned background: {marks}, the first of "
-        "these among its records. Click a cell, or press Enter on it, to list its "
-        "records below the table.</p>"
+        "budget among its pass and fail records: green at 0, through yellow, to red "
+        "at 1, and purple above 1, which is outside the budget (inf is a NaN or "
+        "infinity where a finite value was expected). Letters after the number "
+        f"({flags}) and a black inner border mean that the cell also holds records "
+        "with those verdicts. A cell without pass or fail records shows a letter on "
+        f"a patterned background: {marks}, the first of these among its records. "
+        "Click a cell, or press Enter on it, to list its records below the "
+        "table.</p>"
     )
 
 
@@ -1155,6 +1233,7 @@ def render_html(document: dict) -> str:
     payload = {
         "filters": list(HTML_FILTERS),
         "marks": HTML_MARKS,
+        "flags": list(HTML_FLAGS),
         "rows": sorted(
             {f"{record['framework']}/{record['implementation']}" for record in results}
         ),

@@ -12,11 +12,12 @@ import shlex
 import pytest
 
 from suites import deviations
-from suites.plugin import Target, record_verdicts, write_replay_bundle
+from suites.cases import materialize
+from suites.plugin import Target, record_verdicts
 from suites.verdicts import run_item, unsupported_reason, unsupported_records
 
 
-def replay_command(request: pytest.FixtureRequest, target: Target) -> str:
+def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
     """Return a command that reruns this item alone with the same inputs."""
     config = request.config
     options = [
@@ -36,22 +37,26 @@ def test_instance_norm(conformance_target: Target, request: pytest.FixtureReques
     target = conformance_target
     implementation = target.implementation
 
+    command = rerun_command(request, target)
     reason = unsupported_reason(
         target.adapter, implementation, target.device, target.item
     )
     if reason:
         records = unsupported_records(target.item, reason, implementation.gradients)
-        record_verdicts(request.node, target, records)
+        record_verdicts(request.node, target, records, command, None)
         pytest.skip(reason)
 
-    records = record_verdicts(
-        request.node, target, run_item(target.adapter, target.item, implementation)
-    )
+    item = target.item
+    records = run_item(target.adapter, item, implementation)
+    # The arrays run_item used: materialize caches them.
+    inputs = materialize(item.case, item.dtype, item.seed)
+    rows = record_verdicts(request.node, target, records, command, inputs)
 
-    overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in records)
-    replay = replay_command(request, target)
-    write_replay_bundle(request.node, target, records, replay)
-    for record in records:
-        assert record["conforming"], (
-            f"{record['message']}\n  all quantities: {overview}\n  replay: {replay}"
+    overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in rows)
+    commands = f"  rerun: {command}"
+    if rows[0]["replay_command"]:
+        commands += f"\n  replay the bundle: {rows[0]['replay_command']}"
+    for row in rows:
+        assert row["conforming"], (
+            f"{row['message']}\n  all quantities: {overview}\n{commands}"
         )

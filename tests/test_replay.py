@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -59,12 +60,19 @@ def fault_bundle(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("replay")
     completed = run_suite(
         f"--adapter={FAULT}",
-        "--cases=large-mean-1e4",
+        "--cases=large-mean-1e4,random-2d",
         "--dtypes=float32",
-        f"--replay-dir={directory}",
+        f"--replay-dir={directory / 'bundles'}",
+        f"--report={directory / 'report.json'}",
     )
     assert completed.returncode == 1, completed.stdout[-3000:]
-    return directory / BUNDLE_ID
+    return directory / "bundles" / BUNDLE_ID
+
+
+def report_records(fault_bundle: Path) -> list[dict]:
+    """The records of the report written beside the bundle folder."""
+    path = fault_bundle.parent.parent / "report.json"
+    return json.loads(path.read_text(encoding="utf-8"))["results"]
 
 
 def test_bundle_written_for_failure(fault_bundle):
@@ -115,6 +123,58 @@ def test_replay_fails_same_way(fault_bundle):
         verdict, message = replayed[quantity]
         assert verdict == record["verdict"], quantity
         assert worst_element(message) == worst_element(record["message"]), quantity
+
+
+def test_report_records_name_the_bundle(fault_bundle):
+    metadata = json.loads((fault_bundle / "item.json").read_text(encoding="utf-8"))
+    records = report_records(fault_bundle)
+    failing = [r for r in records if r["case"] == "large-mean-1e4"]
+    assert {r["replay_command"] for r in failing} == {metadata["replay_command"]}
+    assert {r["command"] for r in failing} == {metadata["command"]}
+    # A passing item gets no bundle, only the command that reruns it.
+    passing = [r for r in records if r["case"] == "random-2d"]
+    assert {r["replay_command"] for r in passing} == {None}
+    assert all("--cases=random-2d" in r["command"] for r in passing)
+    assert not (
+        fault_bundle.parent / BUNDLE_ID.replace("large-mean-1e4", "random-2d")
+    ).exists()
+
+
+def test_rerun_command_runs_one_item(fault_bundle, tmp_path):
+    (record,) = [
+        r
+        for r in report_records(fault_bundle)
+        if r["case"] == "large-mean-1e4" and r["quantity"] == "output"
+    ]
+    arguments = shlex.split(record["command"])
+    assert arguments[:3] == ["python", "-m", "pytest"]
+
+    report = tmp_path / "rerun.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            *arguments[1:],
+            "-p",
+            "no:cacheprovider",
+            f"--report={report}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1, completed.stdout[-3000:]
+    assert "1 failed" in completed.stdout
+
+    rerun = json.loads(report.read_text(encoding="utf-8"))["results"]
+    assert {r["case"] for r in rerun} == {"large-mean-1e4"}
+    verdicts = {r["quantity"]: r["verdict"] for r in rerun}
+    recorded = {
+        r["quantity"]: r["verdict"]
+        for r in report_records(fault_bundle)
+        if r["case"] == "large-mean-1e4"
+    }
+    assert verdicts == recorded
 
 
 def test_replay_correct_kernel_passes(fault_bundle):

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from suites import reports
+from suites import report, reports
 from tests.subprocess_runs import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -498,6 +499,52 @@ def test_markdown_lists_failures(workdir, capsys):
     )
     assert any(line.startswith(item) for line in lines)
     assert "## Deviations (0)\n\nNone." in text
+    # Without --replay-dir the run wrote no bundle: each failure names the
+    # command that reruns its item.
+    reruns = [line for line in text.splitlines() if line.startswith("  - rerun: `")]
+    assert len(reruns) == len(failing)
+    assert all("--cases=large-mean-1e4" in line for line in reruns)
+
+
+def test_markdown_failure_names_its_bundle(workdir, capsys):
+    document = read(workdir / "fault.json")
+    for record in document["results"]:
+        record["replay_command"] = f"python -m suites.replay bundles/{record['case']}"
+    write(workdir / "bundled.json", document)
+    text = render(capsys, "bundled.json")
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if ": fail: " in line:
+            assert lines[index + 1] == (
+                "  - replay: `python -m suites.replay bundles/large-mean-1e4`"
+            )
+
+
+def test_markdown_report_without_commands(workdir, capsys):
+    # Reports written before records carried commands still render.
+    document = read(workdir / "fault.json")
+    for record in document["results"]:
+        del record["command"], record["replay_command"]
+    write(workdir / "older.json", document)
+    text = render(capsys, "older.json")
+    assert "rerun:" not in text
+    assert "replay:" not in text
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([1.0, 2.0, 3.0], {"count": 3, "nan": 0, "inf": 0, "min": 1.0, "max": 3.0}),
+        ([np.nan, np.inf, 1.0], {"count": 3, "nan": 1, "inf": 1, "min": 1.0}),
+        ([np.nan, -np.inf], {"count": 2, "nan": 1, "inf": 1, "min": None}),
+        ([], {"count": 0, "nan": 0, "inf": 0, "mean": None}),
+        ([1e308, 1e308], {"max": 1e308, "mean": 1e308, "std": 0.0}),
+        ([-1.7e308, 1.7e308], {"mean": 0.0, "std": 1.7e308}),
+    ],
+)
+def test_array_summary(values, expected):
+    summary = report.array_summary(np.array(values, dtype=np.float64))
+    assert {key: summary[key] for key in expected} == expected
 
 
 def test_markdown_deviation_one_line(workdir, capsys):

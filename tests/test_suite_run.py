@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from suites import deviations
+from suites import cases, deviations
 from tests.subprocess_runs import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,63 @@ def test_terminal_summary_table(tmp_path):
     assert "numpy-float32/kernel" in completed.stdout
 
 
+def test_terminal_summary_ends_with_paths(tmp_path):
+    paths = {
+        "report": tmp_path / "report.json",
+        "JUnit XML": tmp_path / "junit.xml",
+        "replay bundles (1 written)": tmp_path / "bundles",
+    }
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,random-2d",
+        f"--report={paths['report']}",
+        f"--junitxml={paths['JUnit XML']}",
+        f"--replay-dir={paths['replay bundles (1 written)']}",
+    )
+    assert completed.returncode == 1
+    lines = completed.stdout.rstrip().splitlines()
+    # pytest's short summary first, then the verdict table, the paths, and
+    # pytest's final counts line.
+    short = lines.index(next(line for line in lines if "short test summary" in line))
+    verdicts = lines.index(next(line for line in lines if "normconf verdicts" in line))
+    assert short < verdicts
+    assert lines[-4:-1] == [f"{label}: {path}" for label, path in paths.items()]
+    assert "1 failed, 1 passed" in lines[-1]
+    assert all(path.exists() for path in paths.values())
+
+
+def test_records_carry_inputs_summary(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=large-mean-1e4,nan-element",
+        f"--report={report}",
+    )
+    assert completed.returncode == 1
+    for record in read_report(report)["results"]:
+        case = cases.by_name(record["case"])
+        inputs = cases.materialize(case, "float32", 0)
+        summary = record["inputs"]
+        assert summary["shape"] == list(case.shape)
+        assert (summary["eps"], summary["seed"]) == (case.eps, 0)
+        x = inputs.x.astype(np.float64)
+        finite = x[np.isfinite(x)]
+        assert summary["x"]["count"] == x.size
+        assert summary["x"]["nan"] == np.isnan(x).sum()
+        assert summary["x"]["min"] == finite.min()
+        assert summary["x"]["mean"] == pytest.approx(finite.mean(), rel=1e-12)
+        assert summary["gamma"]["max"] == inputs.gamma.max()
+        index = record["worst_index"]
+        if record["quantity"] in ("output", "grad_input"):
+            sample, channel = index[:2]
+            assert record["worst_slice"]["x"]["max"] == np.nanmax(x[sample, channel])
+        else:
+            assert record["worst_slice"]["channel"] == index[0]
+            assert record["worst_slice"]["x"]["count"] == x[:, index[0]].size
+
+
 def test_header_names_adapter():
     completed = run_suite(
         "--adapter=tests.faults:Float32Kernel", "--cases=random-2d", "--dtypes=float32"
@@ -80,7 +138,7 @@ def test_one_pass_fault_reported_fail(tmp_path):
         assert output[0]["verdict"] == "fail", output[0]["message"]
     random = [r for r in results if r["case"] == "random-2d"]
     assert {r["verdict"] for r in random} == {"pass"}
-    assert "replay: python -m pytest" in completed.stdout
+    assert "rerun: python -m pytest" in completed.stdout
 
 
 @pytest.mark.parametrize(
@@ -363,7 +421,7 @@ def test_case_beyond_dtype_range_is_recorded_unsupported(tmp_path):
     assert "beyond float16's largest finite value" in float16[0]["message"]
 
 
-def test_replay_command_keeps_the_deviations_file(tmp_path):
+def test_rerun_command_keeps_the_deviations_file(tmp_path):
     entries = tmp_path / "empty.toml"
     entries.write_text("", encoding="utf-8")
     completed = run_suite(
@@ -372,13 +430,11 @@ def test_replay_command_keeps_the_deviations_file(tmp_path):
         f"--deviations={entries}",
     )
     assert completed.returncode == 1
-    replay = [
-        line for line in completed.stdout.splitlines() if "replay: python" in line
-    ]
-    assert replay
-    assert f"--deviations={entries}" in replay[0]
-    assert "--cases=large-mean-1e4" in replay[0]
-    assert "--devices=cpu" in replay[0]
+    rerun = [line for line in completed.stdout.splitlines() if "rerun: python" in line]
+    assert rerun
+    assert f"--deviations={entries}" in rerun[0]
+    assert "--cases=large-mean-1e4" in rerun[0]
+    assert "--devices=cpu" in rerun[0]
 
 
 def test_no_adapter_at_all_is_usage_error(tmp_path):
