@@ -879,7 +879,8 @@ table.heatmap { border-collapse: collapse; font-size: 0.8em; }
 table.heatmap th, table.heatmap td { border: 1px solid #bbb; padding: 2px 4px; }
 table.heatmap th.case { writing-mode: vertical-rl; font-weight: normal; }
 table.heatmap th.row { text-align: left; white-space: nowrap; }
-table.heatmap td { min-width: 2.2em; text-align: center; cursor: pointer; }
+table.heatmap td { min-width: 2.2em; text-align: center; cursor: pointer;
+  white-space: nowrap; }
 table.heatmap td.selected { outline: 3px solid #000; }
 td.flagged { box-shadow: inset 0 0 0 3px #000; }
 td.over { color: #fff; font-weight: bold; }
@@ -1015,7 +1016,17 @@ HTML_SCRIPT = """
     const heading = document.createElement("h2");
     heading.textContent = row + " " + caseName + " (" + entries.length + " records)";
     detail.appendChild(heading);
-    entries.forEach(function (entry) {
+    // The records that need a reader come first, unsupported ones last. Within a
+    // verdict, records sort by device, dtype and quantity.
+    const order = ["error", "fail", "rejected", "deviation", "pass", "unsupported"];
+    const sorted = entries.slice().sort(function (a, b) {
+      const first = order.indexOf(a.record.verdict) - order.indexOf(b.record.verdict);
+      if (first !== 0) { return first; }
+      const left = [a.record.device, a.record.dtype, a.record.quantity].join(" ");
+      const right = [b.record.device, b.record.dtype, b.record.quantity].join(" ");
+      return left < right ? -1 : (left > right ? 1 : 0);
+    });
+    sorted.forEach(function (entry) {
       const record = entry.record;
       const rows = [
         ["item", record.device + " " + record.dtype + " " + record.quantity],

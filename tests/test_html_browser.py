@@ -387,6 +387,16 @@ def test_click_shows_inputs_and_commands(page, records):
     assert page.page.locator("td.selected").count() == 1
 
 
+def test_detail_lists_failures_first(page):
+    cell_locator(page, "numpy-float32/kernel", "random-2d").click()
+    verdicts = [table["verdict"] for table in detail_tables(page)]
+    # float32 passes, the other three dtypes are unsupported by this kernel.
+    assert verdicts == ["pass"] * 4 + ["unsupported"] * 12
+    cell_locator(page, "fault-one-pass-variance/kernel", "large-mean-1e4").click()
+    verdicts = [table["verdict"] for table in detail_tables(page)]
+    assert verdicts == ["fail", "fail", "deviation", "pass"]
+
+
 def test_enter_key_opens_detail(page):
     cell = cell_locator(page, "erratic/kernel", "M1")
     cell.focus()
