@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from adapters import registry  # noqa: E402
 from adapters.contract import Device  # noqa: E402
-from suites import cases, deviations, dtypes, error_model  # noqa: E402
+from suites import cases, deviations, dtypes, error_model, files  # noqa: E402
 from suites.verdicts import Item, json_number, run_item, unsupported_reason  # noqa: E402
 
 CPU = Device("cpu")
@@ -304,7 +304,9 @@ def write_json(path: Path, env: dict, figures: list[Figures], wall_s: float) -> 
         "environment": {**env, "wall_s": round(wall_s, 1)},
         "figures": [to_json_value(dataclasses.asdict(entry)) for entry in figures],
     }
-    path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
+    files.write_text_atomic(
+        path, json.dumps(document, indent=1, allow_nan=False) + "\n"
+    )
 
 
 def read_json(path: Path) -> tuple[dict, list[Figures]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from suites import dtypes
+from suites import dtypes, files
 from suites.cases import CATALOGUE
 from suites.error_model import QUANTITIES
 
@@ -453,4 +453,4 @@ def write_updated(
     for draft in drafts:
         comments = ["NEW: a non-conforming item that no entry covers", draft["comment"]]
         blocks.append("\n".join(_entry_lines(draft["fields"], comments)))
-    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    files.write_text_atomic(path, "\n\n".join(blocks) + "\n")

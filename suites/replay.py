@@ -35,7 +35,7 @@ import numpy as np
 
 from adapters import registry
 from adapters.contract import LAYOUTS, Implementation
-from suites import dtypes
+from suites import dtypes, files
 from suites.cases import Case, Inputs, materialize
 from suites.verdicts import (
     Item,
@@ -106,8 +106,7 @@ def write_bundle(
     if request.affine:
         arrays["gamma"] = request.gamma
         arrays["beta"] = request.beta
-    with open(bundle / INPUTS_FILE, "wb") as handle:
-        np.savez(handle, **arrays)
+    files.write_atomic(bundle / INPUTS_FILE, lambda handle: np.savez(handle, **arrays))
 
     kind, name = source
     metadata = {
@@ -134,7 +133,7 @@ def write_bundle(
         "replay_command": replay_command(bundle, source),
     }
     text = json.dumps(metadata, indent=2, allow_nan=False)
-    (bundle / ITEM_FILE).write_text(text + "\n", encoding="utf-8")
+    files.write_text_atomic(bundle / ITEM_FILE, text + "\n")
     return bundle
 
 

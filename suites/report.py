@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from suites import files
 from suites.cases import Case, Inputs
 from suites.verdicts import VERDICTS, json_number
 
@@ -130,7 +131,7 @@ def write(document: dict, path: Path) -> None:
     """Write the report as strict JSON (no NaN or Infinity literals)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=1, allow_nan=False)
-    path.write_text(text + "\n", encoding="utf-8")
+    files.write_text_atomic(path, text + "\n")
 
 
 def count_table(records: Iterable[dict]) -> list[str]:

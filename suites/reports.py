@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from suites import cases, report
+from suites import cases, files, report
 from suites.verdicts import VERDICTS, json_number
 
 MERGED_SCHEMA = "normconf-merged-report"
@@ -1292,7 +1292,7 @@ def render_html(document: dict) -> str:
 def _write_text(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        files.write_text_atomic(path, text)
     except OSError as error:
         raise ReportError(
             f"{display_name(path)}: cannot write the file: {error}"
