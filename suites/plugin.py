@@ -17,12 +17,16 @@ import pytest
 
 from adapters import registry
 from adapters.contract import Device, Implementation
-from suites import cases, deviations, dtypes, replay, report
+from suites import cases, deviations, dtypes, isolation, replay, report
 from suites.verdicts import Item
 
 SUITES_DIR = Path(__file__).resolve().parent
 DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECORDS_KEY = "normconf_records"
+# An item's time limit: generous, because the first item of a worker also pays
+# for the framework's own start (a CUDA context, kernel compilation).
+DEFAULT_ITEM_TIMEOUT_S = 120.0
+DEFAULT_WORKER_MEMORY_MIB = (isolation.physical_memory_mib() or 0) // 2
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the JSON conformance report to PATH",
     )
     group.addoption(
+        "--isolation",
+        choices=("process", "none"),
+        default="process",
+        help="where adapters compute: 'process' (default) runs each adapter in a "
+        "worker process, so that a crash, hang or leak gives one item verdict "
+        "error and the run goes on; 'none' runs them in the pytest process",
+    )
+    group.addoption(
+        "--item-timeout",
+        type=float,
+        default=DEFAULT_ITEM_TIMEOUT_S,
+        metavar="SECONDS",
+        help="with --isolation=process, the seconds an item may run before its "
+        "worker is killed and the item gets verdict error (default: %(default)s)",
+    )
+    group.addoption(
+        "--worker-memory",
+        type=int,
+        default=DEFAULT_WORKER_MEMORY_MIB,
+        metavar="MIB",
+        help="with --isolation=process, the resident memory in MiB above which a "
+        "worker is killed and its item gets verdict error; 0 for no limit "
+        "(default: half the machine's memory, %(default)s)",
+    )
+    group.addoption(
         "--replay-dir",
         default=None,
         metavar="DIR",
@@ -253,6 +282,28 @@ def _validate_selection(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--cases: {error.args[0]}") from error
     if config.getoption("seed") < 0:
         raise pytest.UsageError("--seed must be a non-negative integer")
+    timeout = config.getoption("item_timeout")
+    if not timeout > 0 or timeout == float("inf"):
+        raise pytest.UsageError(
+            f"--item-timeout must be a positive number of seconds, not {timeout}"
+        )
+    if config.getoption("worker_memory") < 0:
+        raise pytest.UsageError("--worker-memory must be 0 (no limit) or more MiB")
+
+
+def _isolate(config: pytest.Config, adapters: list, sources: dict) -> list:
+    """Return the adapters, each wrapped to run in a worker process unless
+    --isolation=none."""
+    if config.getoption("isolation") == "none":
+        return adapters
+    limits = isolation.Limits(
+        timeout_s=config.getoption("item_timeout"),
+        memory_mib=config.getoption("worker_memory") or None,
+    )
+    return [
+        isolation.IsolatedAdapter(adapter, sources[adapter.framework], limits)
+        for adapter in adapters
+    ]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -269,6 +320,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"--adapter or entry-point adapter was given ({not_installed})"
             )
         _check_devices(config, adapters)
+        adapters = _isolate(config, adapters, sources)
     _check_output_path(config, "report")
     _check_output_path(config, "update_deviations")
     _check_output_dir(config, "replay_dir")
@@ -553,6 +605,15 @@ def _write_updated_deviations(config: pytest.Config, state: State) -> None:
         drafts,
         status.outgrown,
     )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(state_key, None)
+    if state is None:
+        return
+    for adapter in state.adapters:
+        if isinstance(adapter, isolation.IsolatedAdapter):
+            adapter.close()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from adapters.contract import Device, Implementation, Rejected, Request, Result
 from references import instance_norm as reference
-from suites import dtypes, error_model
+from suites import dtypes, error_model, isolation
 from suites.cases import Case, Inputs, materialize
 
 VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
@@ -223,7 +223,16 @@ def judge_result(
         expected, scale = reference_from_inputs(
             inputs, case.eps if eps is None else eps
         )
-    result_dtype = result.dtype
+    result_dtype = result.dtype or _array_dtype(result.output, dtype)
+    if _no_numbers(result, expected, quantities):
+        message = (
+            "every element of every returned quantity is NaN where every exact value "
+            "is finite: the backend returned no numbers"
+        )
+        return [
+            item.record(q, "error", False, message, result_dtype=result_dtype)
+            for q in quantities
+        ]
 
     layout = case.layout
     records = []
@@ -254,6 +263,32 @@ def judge_result(
         record.compute_dtype = result.compute_dtype
         records.append(record)
     return records
+
+
+def _array_dtype(array: object, dtype: str) -> str | None:
+    """Return the dtype a result array shows when the adapter declared none: its
+    NumPy dtype, except that a float32 array is bfloat16's container."""
+    if not isinstance(array, np.ndarray) or array.dtype.name not in dtypes.DTYPES:
+        return None
+    if dtype == "bfloat16" and array.dtype == np.float32:
+        return None
+    return array.dtype.name
+
+
+def _no_numbers(result: Result, expected: object, quantities: tuple[str, ...]) -> bool:
+    """Return True if every returned array is NaN in every element while every
+    exact value is finite: a backend that computed nothing, not a numerical fault.
+    A quantity with a missing or malformed array leaves it to the array checks."""
+    for quantity in quantities:
+        got = getattr(result, quantity)
+        exact = getattr(expected, quantity)
+        if not isinstance(got, np.ndarray) or got.dtype.kind != "f" or got.size == 0:
+            return False
+        if got.size != exact.size or not np.all(np.isnan(got)):
+            return False
+        if not np.all(np.isfinite(exact)):
+            return False
+    return True
 
 
 def _record_comparison(
@@ -402,6 +437,8 @@ def _run(
             note = "rejection not allowed: this input has a well-defined answer"
         message = f"{rejection} [{note}]"
         return [item.record(q, "rejected", allowed, message) for q in quantities]
+    except isolation.WorkerFailure as failure:
+        return [item.record(q, "error", False, str(failure)) for q in quantities]
     except Exception as crash:  # noqa: BLE001 - any adapter failure is a verdict
         last = traceback.extract_tb(crash.__traceback__)[-1]
         message = (

@@ -1,0 +1,357 @@
+"""Run adapters in worker processes, so that a crash, a hang or a leak costs one item.
+
+The pytest process keeps the adapter it loaded for everything but computing: its
+name, version, implementations and devices. `IsolatedAdapter.run` sends each
+request to a worker process that loaded the same adapter, and waits for the result
+with a time limit while it watches the worker's resident memory. When the worker
+dies, runs past the limit or grows past its memory limit, the item gets verdict
+`error` with the cause, the worker is stopped, and a new one starts for the next
+item.
+
+The worker is `python -m suites.isolation READ_FD WRITE_FD KIND NAME`. It talks to
+the pytest process over two pipes of its own, so that a framework writing to
+stdout cannot corrupt the messages. Its stderr goes to a file whose last lines are
+quoted when it dies, and faulthandler writes the Python stack of a fatal signal
+there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from adapters import registry
+from adapters.contract import Rejected, Request
+
+# How often the pytest process checks the worker's memory while it waits.
+POLL_INTERVAL_S = 0.05
+# prctl's option for the signal a process gets when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+# How much of the worker's stderr a failure message quotes.
+STDERR_TAIL_LINES = 12
+STDERR_TAIL_CHARACTERS = 2000
+
+
+class WorkerFailure(Exception):
+    """An item's worker process died, timed out, ran out of its memory limit or
+    could not send its result. The message is the item's `error` verdict message."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits each item runs under: seconds until the worker is killed, and
+    the resident memory in MiB above which it is killed (None: no limit)."""
+
+    timeout_s: float
+    memory_mib: int | None
+
+
+def physical_memory_mib() -> int | None:
+    """Return the machine's physical memory in MiB, or None where unknown."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page_size = os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    return pages * page_size // (1024 * 1024)
+
+
+def resident_mib(pid: int) -> int | None:
+    """Return the resident memory of process `pid` in MiB from /proc (Linux), or
+    None where /proc does not have it."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def describe_exit(returncode: int) -> str:
+    """Return how a process ended, from its subprocess return code."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"died from signal {name} ({-returncode})"
+    return f"exited with status {returncode}"
+
+
+class Worker:
+    """One worker process running one adapter, started on first use."""
+
+    def __init__(self, source: tuple[str, str], limits: Limits) -> None:
+        self.source = source
+        self.limits = limits
+        self.process: subprocess.Popen | None = None
+        self.requests: Connection | None = None
+        self.replies: Connection | None = None
+        self.stderr = None
+        self.stderr_offset = 0
+        # Why the adapter failed to load in a worker, once it has: later items
+        # fail at once instead of paying for the same failed start again.
+        self.start_failure: str | None = None
+
+    def start(self) -> None:
+        """Start the worker and wait until it has loaded the adapter."""
+        if self.start_failure is not None:
+            raise WorkerFailure(self.start_failure)
+        to_worker_read, to_worker_write = os.pipe()
+        from_worker_read, from_worker_write = os.pipe()
+        self.stderr = tempfile.TemporaryFile()
+
+        environment = dict(os.environ)
+        # The worker imports what this process imports: --adapter modules found
+        # through the working folder or pytest's rootdir included.
+        environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+        kind, name = self.source
+        command = [
+            sys.executable,
+            "-m",
+            "suites.isolation",
+            str(to_worker_read),
+            str(from_worker_write),
+            kind,
+            name,
+        ]
+
+        try:
+            self.process = subprocess.Popen(
+                command,
+                pass_fds=(to_worker_read, from_worker_write),
+                stdin=subprocess.DEVNULL,
+                stderr=self.stderr,
+                env=environment,
+                start_new_session=True,
+            )
+        finally:
+            os.close(to_worker_read)
+            os.close(from_worker_write)
+        self.requests = Connection(to_worker_write, readable=False)
+        self.replies = Connection(from_worker_read, writable=False)
+
+        try:
+            reply = self._wait("loading the adapter")
+        except WorkerFailure as failure:
+            self.start_failure = str(failure)
+            raise
+        if reply[0] != "ready":
+            self.stop()
+            self.start_failure = (
+                f"the worker process could not load the adapter: {reply[1]}"
+            )
+            raise WorkerFailure(self.start_failure)
+
+    def stop(self) -> None:
+        """Kill the worker's process group and release its pipes."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+        for connection in (self.requests, self.replies):
+            if connection is not None:
+                connection.close()
+        if self.stderr is not None:
+            self.stderr.close()
+        self.process = self.requests = self.replies = self.stderr = None
+
+    def run(self, request: Request) -> object:
+        """Run the request in the worker and return the adapter's result. Raises
+        Rejected as the adapter did, and WorkerFailure for any other failure."""
+        if self.process is None:
+            self.start()
+        self._mark_stderr()
+        try:
+            self.requests.send(("run", request))
+        except (BrokenPipeError, OSError):
+            self._died("before the item reached it")
+        reply = self._wait("running the item")
+        kind = reply[0]
+        if kind == "result":
+            self._check_memory_after_item()
+            return reply[1]
+        if kind == "rejected":
+            raise Rejected(reply[1])
+        raise WorkerFailure(reply[1])
+
+    def _mark_stderr(self) -> None:
+        self.stderr_offset = self.stderr.seek(0, os.SEEK_END)
+
+    def _stderr_tail(self) -> str:
+        """Return what the worker wrote to stderr during this item: faulthandler's
+        report of a fatal signal, shortened to its error and innermost frame, or
+        else the last lines."""
+        self.stderr.seek(self.stderr_offset)
+        text = self.stderr.read().decode("utf-8", "replace").strip()
+        if not text:
+            return ""
+        lines = text.splitlines()
+        fatal = [line for line in lines if line.startswith("Fatal Python error:")]
+        frames = [line.strip() for line in lines if line.strip().startswith("File ")]
+        if fatal and frames:
+            return f"; faulthandler: {fatal[-1]}, innermost frame: {frames[0]}"
+        tail = " | ".join(line.strip() for line in lines[-STDERR_TAIL_LINES:])
+        return "; its stderr ended: " + tail[-STDERR_TAIL_CHARACTERS:]
+
+    def _wait(self, doing: str) -> tuple:
+        """Wait for the worker's next message while it runs under the limits."""
+        deadline = time.monotonic() + self.limits.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stop()
+                raise WorkerFailure(
+                    f"timed out: the worker process was {doing} for more than "
+                    f"{self.limits.timeout_s:g} s (--item-timeout) and was killed"
+                )
+            try:
+                if self.replies.poll(min(left, POLL_INTERVAL_S)):
+                    return self.replies.recv()
+            except (EOFError, OSError):
+                self._died(f"while {doing}")
+            if self.process.poll() is not None:
+                # Exited without a word: read anything it wrote before it went.
+                if self.replies.poll(0):
+                    try:
+                        return self.replies.recv()
+                    except (EOFError, OSError):
+                        pass
+                self._died(f"while {doing}")
+            self._check_memory(doing)
+
+    def _check_memory(self, doing: str) -> None:
+        limit = self.limits.memory_mib
+        if limit is None:
+            return
+        used = resident_mib(self.process.pid)
+        if used is not None and used > limit:
+            self.stop()
+            raise WorkerFailure(
+                f"out of memory: the worker process used {used} MiB while {doing}, "
+                f"over the --worker-memory limit of {limit} MiB, and was killed"
+            )
+
+    def _check_memory_after_item(self) -> None:
+        """Restart the worker before the next item when this one left it over the
+        memory limit. The item's result is kept, and its leak does not reach the
+        next item."""
+        limit = self.limits.memory_mib
+        used = resident_mib(self.process.pid) if limit is not None else None
+        if used is not None and used > limit:
+            self.stop()
+
+    def _died(self, when: str) -> None:
+        self.process.wait()
+        tail = self._stderr_tail()
+        cause = describe_exit(self.process.returncode)
+        self.stop()
+        raise WorkerFailure(f"the worker process {cause} {when}{tail}")
+
+
+class IsolatedAdapter:
+    """An adapter whose run() happens in a worker process. Every other attribute
+    is the adapter's own, loaded in this process."""
+
+    def __init__(self, adapter: object, source: tuple[str, str], limits: Limits):
+        self.adapter = adapter
+        self.worker = Worker(source, limits)
+
+    def __getattr__(self, name: str):
+        return getattr(self.adapter, name)
+
+    def run(self, request: Request) -> object:
+        return self.worker.run(request)
+
+    def close(self) -> None:
+        self.worker.stop()
+
+
+# The worker process.
+
+
+def _load(kind: str, name: str) -> object:
+    if kind == "framework":
+        return registry.load_builtin(name)
+    return registry.load(name)
+
+
+def _freeze(request: Request) -> None:
+    """Make the request's arrays read-only, as they are in the pytest process."""
+    for name in ("x", "gamma", "beta", "grad_output"):
+        array = getattr(request, name)
+        if array is not None:
+            array.flags.writeable = False
+
+
+def _reply_to(adapter: object, request: Request) -> tuple:
+    try:
+        result = adapter.run(request)
+    except Rejected as rejection:
+        return ("rejected", str(rejection))
+    except Exception as crash:  # noqa: BLE001 - any adapter failure is a verdict
+        last = traceback.extract_tb(crash.__traceback__)[-1]
+        return (
+            "raised",
+            f"adapter raised {type(crash).__name__}: {crash} "
+            f"(at {last.filename}:{last.lineno})",
+        )
+    return ("result", result)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the pytest process dies, so that a
+    worker stuck in a loop does not outlive a killed run. Elsewhere, do nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+
+
+def worker_main(arguments: list[str]) -> int:
+    read_fd, write_fd, kind, name = arguments
+    _die_with_parent()
+    faulthandler.enable()
+    requests = Connection(int(read_fd), writable=False)
+    replies = Connection(int(write_fd), readable=False)
+    try:
+        adapter = _load(kind, name)
+    except Exception as error:  # noqa: BLE001 - sent to the pytest process
+        replies.send(("failed", f"{type(error).__name__}: {error}"))
+        return 1
+    replies.send(("ready", getattr(adapter, "framework", "")))
+    while True:
+        try:
+            _, request = requests.recv()
+        except EOFError:
+            return 0
+        _freeze(request)
+        reply = _reply_to(adapter, request)
+        try:
+            replies.send(reply)
+        except Exception as error:  # noqa: BLE001 - an unpicklable result
+            replies.send(
+                (
+                    "raised",
+                    f"the adapter's result cannot be sent to the pytest process: "
+                    f"{type(error).__name__}: {error}",
+                )
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
