@@ -52,6 +52,11 @@ class State:
     # How each adapter was loaded, by framework name: ("framework", built-in name)
     # or ("adapter", module:object spec). Replay bundles store it.
     sources: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    # The conformance items collected and selected, or None where this process
+    # did not collect them (the controller of an xdist run).
+    expected_items: int | None = None
+    # The node ids of the items that recorded verdicts.
+    recorded_items: set[str] = dataclasses.field(default_factory=set)
 
     def deviation_status(self) -> DeviationStatus:
         """Sort the entries for the frameworks that ran by what this run showed.
@@ -570,6 +575,7 @@ class RecordCollector:
         for key, value in report.user_properties:
             if key == RECORDS_KEY:
                 self.state.records.extend(value)
+                self.state.recorded_items.add(report.nodeid)
 
 
 def _framework_environment(state: State) -> dict[str, dict]:
@@ -607,6 +613,32 @@ def _write_updated_deviations(config: pytest.Config, state: State) -> None:
     )
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash.get(state_key, None)
+    if state is None:
+        return
+    state.expected_items = sum(
+        "conformance_target" in getattr(item, "fixturenames", ())
+        for item in session.items
+    )
+
+
+def run_summary(state: State, exit_status: int) -> dict:
+    """Return how much of the selected matrix recorded verdicts, for the report:
+    a run stopped by -x, --maxfail or Ctrl-C is marked incomplete."""
+    recorded = len(state.recorded_items)
+    expected = state.expected_items
+    complete = None
+    if expected is not None:
+        complete = recorded == expected and exit_status != pytest.ExitCode.INTERRUPTED
+    return {
+        "items": expected,
+        "items_recorded": recorded,
+        "complete": complete,
+        "exit_status": int(exit_status),
+    }
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(state_key, None)
     if state is None:
@@ -616,7 +648,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             adapter.close()
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     state = config.stash.get(state_key, None)
     if state is None or hasattr(config, "workerinput"):
@@ -637,6 +669,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     document["unexercised_deviations"] = [
         entry.describe() for entry in status.unexercised
     ]
+    document["run"] = run_summary(state, exitstatus)
     report.write(document, Path(path))
 
 
@@ -644,18 +677,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # own summary sections, "short test summary info" included: the verdict table and
 # the report paths end the output, before the final counts line.
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_terminal_summary(terminalreporter, config: pytest.Config):
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config):
     result = yield
     state = config.stash.get(state_key, None)
     if state is not None and state.records:
-        write_summary(terminalreporter, config, state)
+        write_summary(terminalreporter, config, state, exitstatus)
     return result
 
 
-def write_summary(terminalreporter, config: pytest.Config, state: State) -> None:
+def write_summary(
+    terminalreporter, config: pytest.Config, state: State, exit_status: int
+) -> None:
     """Write the verdict table, the deviation entries to review and the paths of
     every file the run wrote."""
     terminalreporter.section("normconf verdicts")
+    run = run_summary(state, exit_status)
+    if run["complete"] is False:
+        terminalreporter.write_line(
+            f"incomplete run: {run['items_recorded']} of {run['items']} selected "
+            "items recorded verdicts; the report says so",
+            red=True,
+        )
     terminalreporter.write_line(
         "records per verdict: one record per (item, quantity), so an item counts "
         "up to four times"
@@ -691,6 +733,6 @@ def write_summary(terminalreporter, config: pytest.Config, state: State) -> None
     bundles = {row["replay_command"] for row in state.records if row["replay_command"]}
     for label, path in paths:
         if label == "replay bundles" and path:
-            label = f"replay bundles ({len(bundles)} written)"
+            label = f"replay bundles ({len(bundles)} written by this run)"
         if path:
             terminalreporter.write_line(f"{label}: {Path(path).resolve()}")

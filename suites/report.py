@@ -178,4 +178,12 @@ def notable_items(records: Iterable[dict], width: int = 160) -> list[str]:
 
 
 def main_command() -> list[str]:
-    return list(sys.argv)
+    """Return the command line that started this run, as it was typed: `python -m
+    pytest ...` rather than the path of pytest's __main__.py."""
+    arguments = list(sys.argv)
+    program = Path(arguments[0]) if arguments else Path()
+    if program.name == "__main__.py":
+        return ["python", "-m", program.parent.name, *arguments[1:]]
+    if program.name in ("pytest", "py.test"):
+        return [program.name, *arguments[1:]]
+    return arguments

@@ -24,6 +24,7 @@ that another input contains.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import html
 import json
@@ -161,6 +162,7 @@ def _source_entry(document: dict, name: str, where: str) -> dict:
         "created": document.get("created"),
         "environment": environment,
         "summary": document.get("summary"),
+        "run": document.get("run"),
     }
     for key in DEVIATION_LISTS:
         entries = document.get(key, [])
@@ -354,7 +356,13 @@ def escape(text: object) -> str:
 
 
 def _code(text: str) -> str:
-    return "`" + text.replace("`", "'") + "`"
+    """Return `text` as a Markdown code span that keeps every character: its
+    fence is one backtick longer than the longest run of backticks inside, with a
+    space inside each end when the text starts or ends with a backtick."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
 
 
 def to_float(value: object) -> float | None:
@@ -461,7 +469,7 @@ def _matrix_lines(results: list[dict]) -> list[str]:
         cell = (row, case_group(record["case"]))
         counts.setdefault(cell, Counter())[record["verdict"]] += 1
         ratio = headroom(record)
-        if ratio is not None:
+        if ratio is not None and record["verdict"] in HTML_RATIO_VERDICTS:
             worst[cell] = max(ratio, worst.get(cell, ratio))
 
     rows = []
@@ -496,6 +504,21 @@ def _failure_lines(record: dict) -> list[str]:
     return lines
 
 
+def incomplete_runs(sources: dict[str, dict]) -> list[str]:
+    """Return one sentence per source report whose run stopped before every
+    selected item recorded verdicts (-x, --maxfail, Ctrl-C)."""
+    sentences = []
+    for name, entry in sources.items():
+        run = entry.get("run")
+        if isinstance(run, dict) and run.get("complete") is False:
+            sentences.append(
+                f"{name} is incomplete: {run.get('items_recorded')} of "
+                f"{run.get('items')} selected items recorded verdicts (pytest exit "
+                f"status {run.get('exit_status')})."
+            )
+    return sentences
+
+
 def render_markdown(document: dict) -> str:
     """Return the Markdown summary of a merged report document.
 
@@ -510,6 +533,7 @@ def render_markdown(document: dict) -> str:
     deviations = [record for record in results if record["verdict"] == "deviation"]
 
     lines = ["# normconf conformance summary", ""]
+    lines += [f"> **Warning:** {escape(text)}\n" for text in incomplete_runs(sources)]
     lines += _table(
         ["framework", "version", "devices", "math modes", "report"],
         _framework_rows(sources),
@@ -533,8 +557,8 @@ def render_markdown(document: dict) -> str:
     )
     lines += [
         f"Records per verdict ({legend}). `worst` is the largest error / budget among "
-        "the cell's records that have both numbers: above 1 is outside the budget, "
-        "and inf is a NaN or infinity where a finite value was expected.",
+        "the cell's pass and fail records: above 1 is outside the budget, and inf "
+        "is a NaN or infinity where a finite value was expected.",
         "",
     ]
     lines += _matrix_lines(results) if results else ["No records."]
@@ -606,10 +630,16 @@ class Diff:
     old_versions: dict[str, list[str]]
     new_versions: dict[str, list[str]]
     sections: dict[str, list[Change]]
+    # Sentences naming the source reports of either side that are incomplete.
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def regressed(self) -> bool:
         return bool(self.sections[REGRESSED])
+
+    def failing_sections(self, names: Sequence[str]) -> list[str]:
+        """Return the sections among `names` (--fail-on names) that list a record."""
+        return [name for name in names if self.sections[DIFF_SECTIONS[name]]]
 
 
 def _regressed(old: dict, new: dict) -> bool:
@@ -626,6 +656,14 @@ def _newly_rejected(old: dict, new: dict) -> bool:
 
 def _newly_passing(old: dict, new: dict) -> bool:
     return new["verdict"] == "pass" and old["verdict"] != "pass"
+
+
+def _newly_unsupported(old: dict, new: dict) -> bool:
+    return new["verdict"] == "unsupported" and old["verdict"] != "unsupported"
+
+
+def _newly_deviating(old: dict, new: dict) -> bool:
+    return new["verdict"] == "deviation" and old["verdict"] != "deviation"
 
 
 def changed_by_factor(old: float, new: float, factor: float) -> bool:
@@ -654,6 +692,7 @@ def _error_changed(old: dict, new: dict) -> bool:
 REGRESSED = "Regressed"
 APPEARED = "Appeared"
 DISAPPEARED = "Disappeared"
+OTHER_CHANGES = "Other verdict changes"
 CATEGORIES = (
     Category(
         REGRESSED,
@@ -678,6 +717,17 @@ CATEGORIES = (
         _newly_passing,
     ),
     Category(
+        "Newly unsupported",
+        "unsupported in NEW, any other verdict in OLD: the item no longer runs.",
+        _newly_unsupported,
+    ),
+    Category(
+        "Newly deviating",
+        "deviation in NEW, any other verdict in OLD: a difference from the exact "
+        "result that a deviations entry now covers.",
+        _newly_deviating,
+    ),
+    Category(
         "Error changed",
         "pass in both, and error / budget grew or shrank by more than a factor of "
         f"{NOTABLE_FACTOR:g}.",
@@ -685,8 +735,23 @@ CATEGORIES = (
     ),
 )
 PRESENCE_RULES = {
+    OTHER_CHANGES: "a verdict change that no section above lists, such as fail "
+    "to error.",
     APPEARED: "in NEW only.",
     DISAPPEARED: "in OLD only.",
+}
+
+
+def section_slug(title: str) -> str:
+    """Return the --fail-on name of a diff section: "Newly unsupported" is
+    newly-unsupported."""
+    return title.lower().replace(" ", "-")
+
+
+# Every section's --fail-on name, in the order the diff prints them.
+DIFF_SECTIONS = {
+    section_slug(title): title
+    for title in [*(category.title for category in CATEGORIES), *PRESENCE_RULES]
 }
 
 
@@ -714,9 +779,7 @@ def compare(old: dict, new: dict, old_name: str, new_name: str) -> Diff:
     """
     old_records = {_record_key(record): record for record in old["results"]}
     new_records = {_record_key(record): record for record in new["results"]}
-    sections: dict[str, list[Change]] = {category.title: [] for category in CATEGORIES}
-    sections[APPEARED] = []
-    sections[DISAPPEARED] = []
+    sections: dict[str, list[Change]] = {title: [] for title in DIFF_SECTIONS.values()}
 
     common = 0
     for key in sorted(old_records.keys() | new_records.keys()):
@@ -730,9 +793,13 @@ def compare(old: dict, new: dict, old_name: str, new_name: str) -> Diff:
             sections[DISAPPEARED].append(change)
             continue
         common += 1
+        listed = False
         for category in CATEGORIES:
             if category.matches(old_record, new_record):
                 sections[category.title].append(change)
+                listed = True
+        if not listed and old_record["verdict"] != new_record["verdict"]:
+            sections[OTHER_CHANGES].append(change)
 
     return Diff(
         old_name=old_name,
@@ -740,6 +807,11 @@ def compare(old: dict, new: dict, old_name: str, new_name: str) -> Diff:
         old_count=len(old_records),
         new_count=len(new_records),
         common_count=common,
+        warnings=[
+            f"{side}: {text}"
+            for side, document in (("OLD", old), ("NEW", new))
+            for text in incomplete_runs(document["sources"])
+        ],
         old_versions=framework_versions(old),
         new_versions=framework_versions(new),
         sections=sections,
@@ -825,6 +897,7 @@ def render_diff(diff: Diff) -> str:
     rules.update(PRESENCE_RULES)
 
     lines = ["# normconf report diff", ""]
+    lines += [f"> **Warning:** {escape(text)}\n" for text in diff.warnings]
     lines += [
         f"OLD: {_code(diff.old_name)} ({diff.old_count} records). "
         f"NEW: {_code(diff.new_name)} ({diff.new_count} records). "
@@ -896,6 +969,7 @@ td.mark-deviation { background: repeating-linear-gradient(0deg, #ffd54f 0 3px,
 td.mark-unsupported { background: #eee; color: #777; }
 td.mark-pass { background: #c8e6c9; }
 .filters label { margin-right: 1em; }
+p.warning { background: #fff3cd; border: 1px solid #d39e00; padding: 0.5em; }
 #detail table { border-collapse: collapse; margin-bottom: 1em; }
 #detail th, #detail td { border: 1px solid #ccc; padding: 2px 6px; text-align: left;
   vertical-align: top; }
@@ -971,6 +1045,7 @@ HTML_SCRIPT = """
   }
 
   function arraySummary(stats) {
+    if (!stats) { return "none"; }
     let line = stats.count + " values";
     if (stats.min !== null) {
       line += ", min " + number(stats.min) + ", max " + number(stats.max) +
@@ -1057,6 +1132,8 @@ HTML_SCRIPT = """
       });
       detail.appendChild(table);
     });
+    // The detail is below the table, which can be taller than the window.
+    heading.scrollIntoView({ block: "start" });
   }
 
   function render() {
@@ -1268,6 +1345,10 @@ def render_html(document: dict) -> str:
         "</head>",
         "<body>",
         "<h1>normconf conformance heatmap</h1>",
+        *(
+            f'<p class="warning">Warning: {html.escape(text)}</p>'
+            for text in incomplete_runs(document["sources"])
+        ),
         f"<p>{len(results)} records from {len(document['sources'])} reports, "
         f"merged {html.escape(str(document.get('created') or '?'))}.</p>",
         "<ul>",
@@ -1341,7 +1422,27 @@ def command_diff(arguments: argparse.Namespace) -> int:
     if arguments.output is not None:
         _write_text(arguments.output, text)
     print(text, end="")
-    return REGRESSED_STATUS if diff.regressed else 0
+    failing = diff.failing_sections(arguments.fail_on)
+    if failing:
+        print(
+            f"exit status {REGRESSED_STATUS}: --fail-on sections with records: "
+            f"{', '.join(failing)}",
+            file=sys.stderr,
+        )
+        return REGRESSED_STATUS
+    return 0
+
+
+def fail_on_list(value: str) -> list[str]:
+    """Parse --fail-on: comma-separated section names."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DIFF_SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section {', '.join(unknown) or '(none given)'}; known: "
+            f"{', '.join(DIFF_SECTIONS)}"
+        )
+    return names
 
 
 def _add_output(
@@ -1400,7 +1501,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare two normconf reports (single-run or merged), print "
         "the records that regressed, improved, became rejected or passing, changed "
         "error notably, appeared or disappeared, and exit with status 1 when a "
-        "record regressed.",
+        "section named by --fail-on lists a record (default: regressed).",
     )
     diff_parser.add_argument("old", type=Path, metavar="OLD", help="earlier report")
     diff_parser.add_argument("new", type=Path, metavar="NEW", help="later report")
@@ -1408,6 +1509,14 @@ def build_parser() -> argparse.ArgumentParser:
         diff_parser,
         "Markdown file to write the comparison to, besides printing it",
         required=False,
+    )
+    diff_parser.add_argument(
+        "--fail-on",
+        type=fail_on_list,
+        default=[section_slug(REGRESSED)],
+        metavar="SECTIONS",
+        help="comma-separated sections that make the exit status 1 when they list "
+        f"a record (known: {', '.join(DIFF_SECTIONS)}; default: regressed)",
     )
     diff_parser.set_defaults(run=command_diff)
     return parser

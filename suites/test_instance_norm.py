@@ -8,29 +8,39 @@ element, the value got, the value expected and the error against the budget.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
 from suites import deviations
 from suites.cases import materialize
-from suites.plugin import Target, record_verdicts
+from suites.plugin import Target, record_verdicts, state_key
 from suites.verdicts import run_item, unsupported_reason, unsupported_records
 
 
 def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
-    """Return a command that reruns this item alone with the same inputs."""
+    """Return a command that reruns this item alone with the same inputs, through
+    the adapter that ran it, from the folder the run started in."""
     config = request.config
+    state = config.stash[state_key]
     options = [
         f"--seed={config.getoption('seed')}",
         f"--dtypes={target.item.dtype}",
         f"--devices={target.item.device}",
         f"--cases={target.item.case.name}",
     ]
-    options += [f"--framework={name}" for name in config.getoption("framework")]
-    options += [f"--adapter={spec}" for spec in config.getoption("adapter")]
+    kind, name = state.sources[target.adapter.framework]
+    options.append(f"--{kind}={name}")
     if config.getoption("deviations") != str(deviations.DEFAULT_PATH):
         options.append(f"--deviations={config.getoption('deviations')}")
-    return shlex.join(["python", "-m", "pytest", request.node.nodeid, *options])
+    if config.getoption("isolation") != "process":
+        options.append(f"--isolation={config.getoption('isolation')}")
+    # A node id is relative to the rootdir, so it names the test file only when
+    # the run started there; elsewhere the file's absolute path does.
+    node = request.node.nodeid
+    if Path.cwd() != config.rootpath:
+        node = f"{request.node.path}::{request.node.name}"
+    return shlex.join(["python", "-m", "pytest", node, *options])
 
 
 def test_instance_norm(conformance_target: Target, request: pytest.FixtureRequest):

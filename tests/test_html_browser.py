@@ -469,3 +469,33 @@ def test_screenshot_cell_colours(page, records, tmp_path):
         "mark-rejected",
         "mark-unsupported",
     }
+
+
+def test_detail_tolerates_missing_summaries(browser, report_files, tmp_path):
+    # A record edited by hand, or written by an older normconf, may lack parts of
+    # its inputs summary; the detail shows "none" for them instead of failing.
+    document = json.loads(report_files["merged"].read_text(encoding="utf-8"))
+    record = next(r for r in document["results"] if r["case"] == "large-mean-1e4")
+    record["worst_slice"] = {"channel": 0, "x": None}
+    record["inputs"]["gamma"] = None
+    merged = tmp_path / "edited.json"
+    merged.write_text(json.dumps(document), encoding="utf-8")
+    page_path = tmp_path / "edited.html"
+    assert reports.main(["html", str(merged), "--output", str(page_path)]) == 0
+
+    watch = open_page(browser, page_path)
+    try:
+        row = f"{record['framework']}/{record['implementation']}"
+        cell_locator(watch, row, "large-mean-1e4").click()
+        tables = detail_tables(watch)
+        edited = next(
+            table
+            for table in tables
+            if table["item"] == f"cpu float32 {record['quantity']}"
+            and table["verdict"] == record["verdict"]
+        )
+        assert edited["x at worst"] == "channel 0, all samples: none"
+        assert "gamma" not in edited
+        assert watch.errors == []
+    finally:
+        watch.page.context.close()

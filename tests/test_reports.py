@@ -1039,3 +1039,98 @@ def test_html_rejects_bad_input(workdir, capsys):
     assert status == 2
     assert "other.json: not a normconf report" in capsys.readouterr().err
     assert not (workdir / "summary.html").exists()
+
+
+def test_diff_lists_lost_coverage_and_new_deviations(diffdir, capsys):
+    document = read(diffdir / "release-1.json")
+    unsupported, deviating = document["results"][:2]
+    unsupported.update(verdict="unsupported", error=None, budget=None)
+    deviating.update(verdict="deviation", deviation=1)
+    write(diffdir / "later.json", document)
+
+    status, out, err = run_diff(capsys, "release-1.json", "later.json")
+    assert status == 0, err
+    lines = section_lines(out, "Newly unsupported")
+    assert len(lines) == 1
+    assert f" {unsupported['quantity']}`: pass -> unsupported" in lines[0]
+    lines = section_lines(out, "Newly deviating")
+    assert len(lines) == 1
+    assert f" {deviating['quantity']}`: pass -> deviation" in lines[0]
+
+    status, _, err = run_diff(
+        capsys, "release-1.json", "later.json", "--fail-on=newly-unsupported"
+    )
+    assert status == 1
+    assert "--fail-on sections with records: newly-unsupported" in err
+
+
+def test_diff_lists_other_verdict_changes(diffdir, capsys):
+    document = read(diffdir / "release-2.json")
+    failing = next(r for r in document["results"] if r["verdict"] == "fail")
+    failing.update(verdict="error", error=None, budget=None)
+    write(diffdir / "erroring.json", document)
+    status, out, err = run_diff(capsys, "release-2.json", "erroring.json")
+    assert status == 0, err
+    (line,) = section_lines(out, "Other verdict changes")
+    assert f" {failing['quantity']}`: fail -> error" in line
+    assert section_lines(out, "Regressed") == []
+
+
+def test_diff_fail_on_disappeared(diffdir, capsys):
+    document = read(diffdir / "release-1.json")
+    del document["results"][0]
+    write(diffdir / "fewer.json", document)
+    assert run_diff(capsys, "release-1.json", "fewer.json")[0] == 0
+    status, _, err = run_diff(
+        capsys, "release-1.json", "fewer.json", "--fail-on", "regressed,disappeared"
+    )
+    assert status == 1
+    assert "disappeared" in err
+
+
+def test_diff_rejects_unknown_fail_on(diffdir, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        reports.main(["diff", "release-1.json", "release-2.json", "--fail-on=worse"])
+    assert stopped.value.code == 2
+    assert "unknown section worse; known: regressed," in capsys.readouterr().err
+
+
+def mark_incomplete(document: dict) -> dict:
+    document["run"] = {
+        "items": 27,
+        "items_recorded": 7,
+        "complete": False,
+        "exit_status": 1,
+    }
+    return document
+
+
+def test_diff_warns_of_incomplete_run(diffdir, capsys):
+    write(diffdir / "partial.json", mark_incomplete(read(diffdir / "release-2.json")))
+    _, out, _ = run_diff(capsys, "release-1.json", "partial.json")
+    assert (
+        "> **Warning:** NEW: partial.json is incomplete: 7 of 27 selected items "
+        "recorded verdicts (pytest exit status 1)." in out
+    )
+
+
+def test_markdown_and_html_warn_of_incomplete_run(workdir, capsys):
+    write(workdir / "partial.json", mark_incomplete(read(workdir / "fault.json")))
+    text = render(capsys, "partial.json")
+    assert "> **Warning:** partial.json is incomplete: 7 of 27" in text
+    page = render_html(capsys, "partial.json")
+    assert '<p class="warning">Warning: partial.json is incomplete: 7 of 27' in page
+
+
+@pytest.mark.parametrize(
+    "text, span",
+    [
+        ("plain", "`plain`"),
+        ("a`b", "``a`b``"),
+        ("a``b`c", "```a``b`c```"),
+        ("`start", "`` `start ``"),
+        ("end`", "`` end` ``"),
+    ],
+)
+def test_code_span_keeps_backticks(text, span):
+    assert reports._code(text) == span

@@ -61,7 +61,7 @@ def test_terminal_summary_ends_with_paths(tmp_path):
     paths = {
         "report": tmp_path / "report.json",
         "JUnit XML": tmp_path / "junit.xml",
-        "replay bundles (1 written)": tmp_path / "bundles",
+        "replay bundles (1 written by this run)": tmp_path / "bundles",
     }
     completed = run_suite(
         "--adapter=tests.faults:OnePassVariance",
@@ -69,7 +69,7 @@ def test_terminal_summary_ends_with_paths(tmp_path):
         "--cases=large-mean-1e4,random-2d",
         f"--report={paths['report']}",
         f"--junitxml={paths['JUnit XML']}",
-        f"--replay-dir={paths['replay bundles (1 written)']}",
+        f"--replay-dir={paths['replay bundles (1 written by this run)']}",
     )
     assert completed.returncode == 1
     lines = completed.stdout.rstrip().splitlines()
@@ -548,3 +548,57 @@ def test_entry_beyond_its_bound_is_outgrown_not_stale(tmp_path):
     assert document["stale_deviations"] == []
     assert len(document["outgrown_deviations"]) == 1
     assert "outgrown: deviation #1" in completed.stdout
+
+
+def test_stopped_run_marked_incomplete(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=random-2d,large-mean-1e4,random-1d",
+        "-x",
+        f"--report={report}",
+    )
+    assert completed.returncode == 1
+    run = read_report(report)["run"]
+    assert run == {"items": 3, "items_recorded": 2, "complete": False, "exit_status": 1}
+    assert "incomplete run: 2 of 3 selected items recorded verdicts" in completed.stdout
+
+
+def test_deselected_items_leave_run_complete(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--dtypes=float32",
+        "-k",
+        "random",
+        f"--report={report}",
+    )
+    assert completed.returncode == 0
+    run = read_report(report)["run"]
+    assert run == {"items": 3, "items_recorded": 3, "complete": True, "exit_status": 0}
+
+
+def test_rerun_command_names_only_its_adapter(tmp_path):
+    report = tmp_path / "report.json"
+    run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--adapter=tests.faults:OnePassVariance",
+        "--dtypes=float32",
+        "--cases=M1",
+        f"--report={report}",
+    )
+    document = read_report(report)
+    for record in document["results"]:
+        spec = (
+            "tests.faults:Float32Kernel"
+            if record["framework"] == "numpy-float32"
+            else "tests.faults:OnePassVariance"
+        )
+        assert record["command"].endswith(f"--cases=M1 --adapter={spec}")
+    assert document["environment"]["command"][:4] == [
+        "python",
+        "-m",
+        "pytest",
+        "suites",
+    ]
