@@ -68,11 +68,12 @@ def load_object(spec: str) -> object:
     return target
 
 
-def load(spec: str) -> object:
-    """Load and validate the adapter at `spec` (module:object)."""
+def load(spec: str, origin: str | None = None) -> object:
+    """Load and validate the adapter at `spec` (module:object). `origin` names it
+    in error messages; default: the spec."""
     adapter = load_object(spec)
     try:
-        validate(adapter, spec)
+        validate(adapter, origin or spec)
     except ContractError as error:
         raise AdapterLoadError(str(error)) from error
     return adapter
@@ -101,8 +102,14 @@ def discover_builtin() -> tuple[list[object], list[Missing]]:
     return found, missing
 
 
-def entry_point_specs(names: list[str] | None = None) -> list[str]:
-    """Return the module:object spec of each `normconf.adapters` entry point.
+def entry_point_origin(name: str, spec: str) -> str:
+    """Return how error messages name an entry-point adapter."""
+    return f"{spec} (entry point {name!r} in group {ENTRY_POINT_GROUP})"
+
+
+def entry_points_found(names: list[str] | None = None) -> dict[str, str]:
+    """Return the module:object spec of each `normconf.adapters` entry point by
+    entry point name.
 
     With `names`, return only those entry points and raise if one is not installed.
     """
@@ -118,7 +125,12 @@ def entry_point_specs(names: list[str] | None = None) -> list[str]:
                 f"installed: {', '.join(sorted(points)) or 'none'}"
             )
         points = {name: points[name] for name in names}
-    return [point.value for point in points.values()]
+    return {name: point.value for name, point in points.items()}
+
+
+def entry_point_specs(names: list[str] | None = None) -> list[str]:
+    """Return the module:object spec of each `normconf.adapters` entry point."""
+    return list(entry_points_found(names).values())
 
 
 def load_entry_points(names: list[str] | None = None) -> list[object]:
@@ -126,4 +138,7 @@ def load_entry_points(names: list[str] | None = None) -> list[object]:
 
     With `names`, load only those entry points and raise if one is not installed.
     """
-    return [load(spec) for spec in entry_point_specs(names)]
+    return [
+        load(spec, entry_point_origin(name, spec))
+        for name, spec in entry_points_found(names).items()
+    ]
