@@ -27,6 +27,18 @@ MAX_FINITE = {
 
 DTYPES = tuple(UNIT_ROUNDOFF)
 
+# The smallest float64 magnitude that round_to() turns into an infinity, or None
+# where no finite float64 value overflows. For direct rounding to nearest it is the
+# largest finite value plus half its spacing, (2 - u) * 2^emax. round_to() rounds to
+# bfloat16 through float32, so a value within half a float32 spacing (2^103) below
+# bfloat16's own threshold first rounds up to it and then overflows.
+OVERFLOW_THRESHOLD = {
+    "float64": None,
+    "float32": (2.0 - 2.0**-24) * 2.0**127,
+    "float16": (2.0 - 2.0**-11) * 2.0**15,
+    "bfloat16": (2.0 - 2.0**-8 - 2.0**-24) * 2.0**127,
+}
+
 # Formats a framework may compute in, which Result.compute_dtype names: the tested
 # dtypes and TensorFloat-32, float32's 8-bit exponent with a 10-bit stored fraction
 # (so u = 2^-11), used by tensor-core math modes.
