@@ -23,6 +23,9 @@ from suites.verdicts import Item
 SUITES_DIR = Path(__file__).resolve().parent
 DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECORDS_KEY = "normconf_records"
+# The ONNX Runtime adapter reads its providers from this variable, which worker
+# processes inherit; --ort-providers sets it.
+ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
 # An item's time limit: generous, because the first item of a worker also pays
 # for the framework's own start (a CUDA context, kernel compilation).
 DEFAULT_ITEM_TIMEOUT_S = 120.0
@@ -170,6 +173,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the JSON conformance report to PATH",
     )
     group.addoption(
+        "--ort-providers",
+        default=None,
+        metavar="LIST",
+        help="ONNX Runtime execution providers to test, comma-separated (sets "
+        f"{ORT_PROVIDERS_VARIABLE} for the run and its workers); default: that "
+        "variable, or every provider the installed package reports",
+    )
+    group.addoption(
         "--isolation",
         choices=("process", "none"),
         default="process",
@@ -250,8 +261,11 @@ def _load_adapters(
                 (adapter, ("framework", adapter.framework)) for adapter in builtin
             ]
             loaded += [
-                (registry.load(spec), ("adapter", spec))
-                for spec in registry.entry_point_specs()
+                (
+                    registry.load(spec, registry.entry_point_origin(name, spec)),
+                    ("adapter", spec),
+                )
+                for name, spec in registry.entry_points_found().items()
             ]
     except registry.AdapterLoadError as error:
         raise pytest.UsageError(str(error)) from error
@@ -313,6 +327,11 @@ def _isolate(config: pytest.Config, adapters: list, sources: dict) -> list:
 
 def pytest_configure(config: pytest.Config) -> None:
     _validate_selection(config)
+    providers = config.getoption("ort_providers")
+    if providers is not None:
+        if not _split(providers):
+            raise pytest.UsageError("--ort-providers: the list is empty")
+        os.environ[ORT_PROVIDERS_VARIABLE] = ",".join(_split(providers))
     adapters: list[object] = []
     missing: list[registry.Missing] = []
     sources: dict[str, tuple[str, str]] = {}

@@ -251,7 +251,9 @@ def test_deviation_replaces_fail(tmp_path):
 def test_bad_option_usage_error(arguments, message):
     completed = run_suite(*arguments)
     assert completed.returncode == USAGE_ERROR
-    assert message in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, completed.stderr
+    assert message in lines[0]
     assert "Traceback" not in completed.stderr
 
 

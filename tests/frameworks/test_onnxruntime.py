@@ -7,6 +7,8 @@ eps the adapter declares, and models that must not depend on Reshape's 0 and -1.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ pytest.importorskip("onnx")
 from adapters import onnxruntime as adapter_module  # noqa: E402
 from adapters.contract import Request  # noqa: E402
 from suites import cases  # noqa: E402
+from tests.subprocess_runs import run_suite  # noqa: E402
 
 
 def request(implementation: str, case_name: str, dtype: str = "float32") -> Request:
@@ -121,3 +124,30 @@ def test_group_norm_model_inlines_a_one_pass_variance(adapter, tmp_path):
     assert any(
         node.op_type == "Sub" and "MeanOfSquare" in node.input[0] for node in nodes
     )
+
+
+def test_ort_providers_option_selects_devices(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--framework=onnxruntime",
+        "--ort-providers=CPUExecutionProvider",
+        "--cases=random-2d",
+        "--dtypes=float32",
+        f"--report={report}",
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    environment = json.loads(report.read_text(encoding="utf-8"))["environment"]
+    devices = environment["frameworks"]["onnxruntime"]["devices"]
+    # cuda is declared whatever the list, unavailable unless the list names it.
+    available = [device["name"] for device in devices if device["available"]]
+    assert available == ["cpu"]
+
+
+def test_ort_providers_option_rejects_unknown_name():
+    completed = run_suite(
+        "--framework=onnxruntime", "--ort-providers=NoSuchExecutionProvider"
+    )
+    assert completed.returncode == 4
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, completed.stderr
+    assert "NoSuchExecutionProvider" in lines[0]
