@@ -126,10 +126,10 @@ def test_group_norm_model_inlines_a_one_pass_variance(adapter, tmp_path):
     )
 
 
-def test_ort_providers_option_selects_devices(tmp_path):
+def test_ort_providers_option_selects_devices(adapter, tmp_path):
     report = tmp_path / "report.json"
     completed = run_suite(
-        "--framework=onnxruntime",
+        f"--framework={adapter.framework}",
         "--ort-providers=CPUExecutionProvider",
         "--cases=random-2d",
         "--dtypes=float32",
@@ -137,15 +137,15 @@ def test_ort_providers_option_selects_devices(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout[-2000:]
     environment = json.loads(report.read_text(encoding="utf-8"))["environment"]
-    devices = environment["frameworks"]["onnxruntime"]["devices"]
+    devices = environment["frameworks"][adapter.framework]["devices"]
     # cuda is declared whatever the list, unavailable unless the list names it.
     available = [device["name"] for device in devices if device["available"]]
     assert available == ["cpu"]
 
 
-def test_ort_providers_option_rejects_unknown_name():
+def test_ort_providers_option_rejects_unknown_name(adapter):
     completed = run_suite(
-        "--framework=onnxruntime", "--ort-providers=NoSuchExecutionProvider"
+        f"--framework={adapter.framework}", "--ort-providers=NoSuchExecutionProvider"
     )
     assert completed.returncode == 4
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
