@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,6 +159,8 @@ REQUIRED_METHODS = ("version", "implementations", "devices", "run")
 
 # Framework and implementation names appear in test ids and deviation entries.
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# Device names appear in test ids too: a kind, and an index after ':' (cuda:1).
+DEVICE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*(:[0-9]+)?")
 
 
 class ContractError(Exception):
@@ -193,9 +195,20 @@ def validate(adapter: object, origin: str) -> None:
             raise ContractError(
                 f"adapter {origin}: {method}() raised {type(error).__name__}: {error}"
             ) from error
+    if not isinstance(declared["version"], str) or not declared["version"]:
+        raise ContractError(
+            f"adapter {origin}: version() returned {declared['version']!r}, not a "
+            "non-empty string"
+        )
     for method in ("implementations", "devices"):
         if not declared[method]:
             raise ContractError(f"adapter {origin} declares no {method}")
+    _check_members(
+        origin, "implementations", declared["implementations"], Implementation
+    )
+    _check_members(origin, "devices", declared["devices"], Device)
+    _check_devices(origin, declared["devices"])
+    _check_math_modes(adapter, origin)
     names = [implementation.name for implementation in declared["implementations"]]
     if len(set(names)) != len(names):
         raise ContractError(f"adapter {origin} has duplicate implementation names")
@@ -204,4 +217,70 @@ def validate(adapter: object, origin: str) -> None:
             raise ContractError(
                 f"adapter {origin} has implementation name {name!r}; use lowercase "
                 "letters, digits, '.', '_' and '-'"
+            )
+
+
+def _check_members(origin: str, method: str, members: object, kind: type) -> None:
+    """Raise ContractError unless `members` is a sequence of `kind` objects."""
+    if isinstance(members, (str, bytes)) or not isinstance(members, Sequence):
+        raise ContractError(
+            f"adapter {origin}: {method}() returned a {type(members).__name__}, not a "
+            f"list of {kind.__name__}"
+        )
+    for member in members:
+        if not isinstance(member, kind):
+            raise ContractError(
+                f"adapter {origin}: {method}() returned {member!r}, not a "
+                f"{kind.__name__}"
+            )
+    if kind is Implementation:
+        for implementation in members:
+            unknown = [
+                layout for layout in implementation.layouts if layout not in LAYOUTS
+            ]
+            if unknown or not implementation.layouts:
+                raise ContractError(
+                    f"adapter {origin}: implementation {implementation.name!r} "
+                    f"declares layouts {tuple(implementation.layouts)!r}; use one or "
+                    f"more of {', '.join(LAYOUTS)}"
+                )
+
+
+def _check_devices(origin: str, devices: Sequence[Device]) -> None:
+    names = [device.name for device in devices]
+    for name in names:
+        if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+            raise ContractError(
+                f"adapter {origin} has device name {name!r}; use lowercase letters, "
+                "digits, '.', '_' and '-', with an optional ':index'"
+            )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ContractError(
+            f"adapter {origin} declares the device {', '.join(repeated)} twice"
+        )
+
+
+def _check_math_modes(adapter: object, origin: str) -> None:
+    """Raise ContractError unless the optional math_modes() returns a mapping of
+    names to strings, numbers or booleans."""
+    method = getattr(adapter, "math_modes", None)
+    if method is None:
+        return
+    try:
+        modes = method()
+    except Exception as error:  # noqa: BLE001 - reported before any case runs
+        raise ContractError(
+            f"adapter {origin}: math_modes() raised {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(modes, Mapping):
+        raise ContractError(
+            f"adapter {origin}: math_modes() returned a {type(modes).__name__}, "
+            "not a mapping"
+        )
+    for name, value in modes.items():
+        if not isinstance(name, str) or not isinstance(value, (str, int, float)):
+            raise ContractError(
+                f"adapter {origin}: math_modes() maps {name!r} to {value!r}; use "
+                "string names and string, number or boolean values"
             )

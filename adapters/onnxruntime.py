@@ -464,7 +464,8 @@ def requested_providers() -> list[str]:
             # A misspelt name would otherwise become one more unavailable device,
             # and a run could pass without testing the provider it was meant for.
             raise ValueError(
-                f"{PROVIDERS_VARIABLE} names {', '.join(unknown)}, which onnxruntime "
+                f"{PROVIDERS_VARIABLE} (which --ort-providers sets) names "
+                f"{', '.join(unknown)}, which onnxruntime "
                 f"{onnxruntime.__version__} does not know; execution provider names: "
                 f"{', '.join(known)}"
             )

@@ -140,6 +140,16 @@ class Deviation:
         )
 
 
+def is_version(version: str) -> bool:
+    """Return True if deviation entries can match `version`: a PEP 440 version,
+    with or without a local suffix such as torch's '+cpu'."""
+    try:
+        Version(version.split("+")[0])
+    except InvalidVersion:
+        return False
+    return True
+
+
 def version_matches(version: str, specifiers: SpecifierSet) -> bool:
     """Match a framework version, ignoring a local suffix such as torch's '+cpu'."""
     try:

@@ -18,6 +18,7 @@ there.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import faulthandler
 import os
 import signal
@@ -26,16 +27,21 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+import numpy as np
+
 from adapters import registry
-from adapters.contract import Rejected, Request
+from adapters.contract import Rejected, Request, Result
 
 # How often the pytest process checks the worker's memory while it waits.
 POLL_INTERVAL_S = 0.05
 # prctl's option for the signal a process gets when its parent dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+# The fields of a Result that hold arrays.
+RESULT_ARRAYS = ("output", "grad_input", "grad_gamma", "grad_beta")
 # How much of the worker's stderr a failure message quotes.
 STDERR_TAIL_LINES = 12
 STDERR_TAIL_CHARACTERS = 2000
@@ -289,6 +295,32 @@ def _load(kind: str, name: str) -> object:
     return registry.load(name)
 
 
+INPUT_NAMES = ("x", "gamma", "beta", "grad_output")
+
+
+def input_fingerprints(request: Request) -> dict[str, int]:
+    """Return a CRC-32 of each input array's bytes, to tell afterwards whether the
+    adapter wrote to its inputs."""
+    return {
+        name: zlib.crc32(np.ascontiguousarray(array).view(np.uint8).ravel())
+        for name in INPUT_NAMES
+        if (array := getattr(request, name)) is not None
+    }
+
+
+def changed_inputs_message(request: Request, before: dict[str, int]) -> str | None:
+    """Return the error message for inputs the adapter changed in place since
+    `before` was taken, or None when it changed none."""
+    after = input_fingerprints(request)
+    changed = [name for name in before if after[name] != before[name]]
+    if not changed:
+        return None
+    return (
+        f"the adapter changed its input {', '.join(changed)} in place; a kernel "
+        "must leave its inputs unchanged"
+    )
+
+
 def _freeze(request: Request) -> None:
     """Make the request's arrays read-only, as they are in the pytest process."""
     for name in ("x", "gamma", "beta", "grad_output"):
@@ -298,18 +330,50 @@ def _freeze(request: Request) -> None:
 
 
 def _reply_to(adapter: object, request: Request) -> tuple:
+    before = input_fingerprints(request)
     try:
         result = adapter.run(request)
     except Rejected as rejection:
         return ("rejected", str(rejection))
-    except Exception as crash:  # noqa: BLE001 - any adapter failure is a verdict
+    except BaseException as crash:  # noqa: BLE001 - any adapter failure is a verdict
+        # BaseException: an adapter's SystemExit or KeyboardInterrupt is its own
+        # failure too, and the worker is in a session of its own, so a Ctrl-C on
+        # the terminal never reaches it.
         last = traceback.extract_tb(crash.__traceback__)[-1]
         return (
             "raised",
             f"adapter raised {type(crash).__name__}: {crash} "
             f"(at {last.filename}:{last.lineno})",
         )
-    return ("result", result)
+    changed = changed_inputs_message(request, before)
+    if changed is not None:
+        return ("raised", changed)
+    return ("result", sendable(result))
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """Stands in for an object of the adapter's result that is not a NumPy array
+    or a Result (a framework tensor, say): such objects are not sent back, because
+    unpickling them can need the framework's own machinery. The verdicts name its
+    type."""
+
+    type_name: str
+
+
+def sendable(result: object) -> object:
+    """Return the result with every field that must be an array and is not one,
+    and any object that is not a Result or None, replaced by a Foreign."""
+    if result is None:
+        return None
+    if not isinstance(result, Result):
+        return Foreign(type(result).__name__)
+    fields = {}
+    for name in RESULT_ARRAYS:
+        value = getattr(result, name)
+        if value is not None and not isinstance(value, np.ndarray):
+            fields[name] = Foreign(type(value).__name__)
+    return dataclasses.replace(result, **fields) if fields else result
 
 
 def _die_with_parent() -> None:
@@ -354,4 +418,8 @@ def worker_main(arguments: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    # Run the worker from the imported module, not from __main__, so that the
+    # classes it sends (Foreign) unpickle as suites.isolation's in pytest.
+    from suites import isolation
+
+    sys.exit(isolation.worker_main(sys.argv[1:]))

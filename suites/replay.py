@@ -38,9 +38,11 @@ from adapters.contract import LAYOUTS, Implementation
 from suites import dtypes, files
 from suites.cases import Case, Inputs, materialize
 from suites.verdicts import (
+    AdapterMethodError,
     Item,
     Record,
     build_request,
+    error_records,
     from_layout,
     json_number,
     run_item,
@@ -347,7 +349,10 @@ def replay(bundle: Bundle, adapter: object) -> list[Record]:
         bundle.case,
         metadata["seed"],
     )
-    reason = unsupported_reason(adapter, implementation, device, item)
+    try:
+        reason = unsupported_reason(adapter, implementation, device, item)
+    except AdapterMethodError as error:
+        return error_records(item, str(error), implementation.gradients)
     if reason:
         raise ReplayError(f"the adapter cannot run this item: {reason}")
     return run_item(adapter, item, implementation, bundle.inputs)

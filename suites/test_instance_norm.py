@@ -7,6 +7,7 @@ element, the value got, the value expected and the error against the budget.
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -14,8 +15,28 @@ import pytest
 
 from suites import deviations
 from suites.cases import materialize
-from suites.plugin import Target, record_verdicts, state_key
-from suites.verdicts import run_item, unsupported_reason, unsupported_records
+from suites.plugin import (
+    DEFAULT_ITEM_TIMEOUT_S,
+    DEFAULT_WORKER_MEMORY_MIB,
+    ORT_PROVIDERS_VARIABLE,
+    Target,
+    record_verdicts,
+    state_key,
+)
+from suites.verdicts import (
+    AdapterMethodError,
+    error_records,
+    run_item,
+    unsupported_reason,
+    unsupported_records,
+)
+
+# The isolation options and their defaults: a rerun repeats those the run changed.
+ISOLATION_DEFAULTS = {
+    "isolation": "process",
+    "item_timeout": DEFAULT_ITEM_TIMEOUT_S,
+    "worker_memory": DEFAULT_WORKER_MEMORY_MIB,
+}
 
 
 def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
@@ -33,8 +54,13 @@ def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
     options.append(f"--{kind}={name}")
     if config.getoption("deviations") != str(deviations.DEFAULT_PATH):
         options.append(f"--deviations={config.getoption('deviations')}")
-    if config.getoption("isolation") != "process":
-        options.append(f"--isolation={config.getoption('isolation')}")
+    for option, default in ISOLATION_DEFAULTS.items():
+        value = config.getoption(option)
+        if value != default:
+            options.append(f"--{option.replace('_', '-')}={value}")
+    providers = os.environ.get(ORT_PROVIDERS_VARIABLE)
+    if providers and target.adapter.framework.startswith("onnxruntime"):
+        options.append(f"--ort-providers={providers}")
     # A node id is relative to the rootdir, so it names the test file only when
     # the run started there; elsewhere the file's absolute path does.
     node = request.node.nodeid
@@ -48,9 +74,14 @@ def test_instance_norm(conformance_target: Target, request: pytest.FixtureReques
     implementation = target.implementation
 
     command = rerun_command(request, target)
-    reason = unsupported_reason(
-        target.adapter, implementation, target.device, target.item
-    )
+    try:
+        reason = unsupported_reason(
+            target.adapter, implementation, target.device, target.item
+        )
+    except AdapterMethodError as error:
+        records = error_records(target.item, str(error), implementation.gradients)
+        record_verdicts(request.node, target, records, command, None)
+        pytest.fail(str(error))
     if reason:
         records = unsupported_records(target.item, reason, implementation.gradients)
         record_verdicts(request.node, target, records, command, None)

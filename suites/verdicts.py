@@ -162,6 +162,11 @@ class Item:
         )
 
 
+class AdapterMethodError(Exception):
+    """An adapter method the suite calls for one item raised or returned a value
+    the contract does not allow. The message is the item's `error` message."""
+
+
 def unsupported_records(item: Item, reason: str, gradients: bool) -> list[Record]:
     """Record every quantity of an item that cannot run, with the reason."""
     return [
@@ -175,6 +180,8 @@ def _check_array(
 ) -> str | None:
     if array is None:
         return f"{name} is missing (None) from the adapter's result"
+    if isinstance(array, isolation.Foreign):
+        return f"{name} is a {array.type_name}, not a NumPy array"
     if not isinstance(array, np.ndarray):
         return f"{name} is a {type(array).__name__}, not a NumPy array"
     if array.dtype.kind != "f":
@@ -208,7 +215,12 @@ def judge_result(
     case, dtype, seed = item.case, item.dtype, item.seed
     quantities = quantities_for(case, gradients)
     if not isinstance(result, Result):
-        message = f"adapter returned {type(result).__name__}, not a Result"
+        kind = (
+            result.type_name
+            if isinstance(result, isolation.Foreign)
+            else type(result).__name__
+        )
+        message = f"adapter returned {kind}, not a Result"
         return [item.record(q, "error", False, message) for q in quantities]
 
     eps, problem = received_eps(case.eps, result.eps)
@@ -224,6 +236,13 @@ def judge_result(
             inputs, case.eps if eps is None else eps
         )
     result_dtype = result.dtype or _array_dtype(result.output, dtype)
+    if result_dtype is not None and not isinstance(result_dtype, str):
+        # A NumPy dtype, or a framework's dtype object, in place of its name.
+        name = getattr(result_dtype, "name", None)
+        if not isinstance(name, str):
+            message = f"Result.dtype is {result_dtype!r}, not a dtype name"
+            return [item.record(q, "error", False, message) for q in quantities]
+        result_dtype = name
     if _no_numbers(result, expected, quantities):
         message = (
             "every element of every returned quantity is NaN where every exact value "
@@ -388,7 +407,26 @@ def unsupported_reason(
     declared = getattr(adapter, "unsupported_reason", None)
     if declared is None:
         return None
-    return declared(item.implementation, item.device, item.dtype)
+    try:
+        reason = declared(item.implementation, item.device, item.dtype)
+    except Exception as error:  # noqa: BLE001 - the item's verdict is error
+        raise AdapterMethodError(
+            f"the adapter's unsupported_reason() raised {type(error).__name__}: {error}"
+        ) from error
+    if reason is not None and not isinstance(reason, str):
+        raise AdapterMethodError(
+            f"the adapter's unsupported_reason() returned {reason!r}, not a string "
+            "or None"
+        )
+    return reason or None
+
+
+def error_records(item: Item, message: str, gradients: bool) -> list[Record]:
+    """Record every quantity of an item as `error` with the message."""
+    return [
+        item.record(quantity, "error", False, message)
+        for quantity in quantities_for(item.case, gradients)
+    ]
 
 
 def run_item(
@@ -427,6 +465,10 @@ def _run(
     request = build_request(item, inputs, gradients)
     quantities = quantities_for(item.case, gradients)
 
+    # An isolated adapter's worker checks its own copy of the inputs; here the
+    # adapter works on the cached arrays, which every later item shares.
+    in_process = not isinstance(adapter, isolation.IsolatedAdapter)
+    before = isolation.input_fingerprints(request) if in_process else None
     try:
         result = adapter.run(request)
     except Rejected as rejection:
@@ -447,6 +489,13 @@ def _run(
         )
         return [item.record(q, "error", False, message) for q in quantities]
 
+    if before is not None:
+        changed = isolation.changed_inputs_message(request, before)
+        if changed is not None:
+            # Later items must not see the changed arrays: drop the caches.
+            materialize.cache_clear()
+            catalogue_reference.cache_clear()
+            return [item.record(q, "error", False, changed) for q in quantities]
     return judge_result(item, result, gradients, given)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -76,11 +78,15 @@ class Abort(BreaksOnOneCase):
 
 
 class InfiniteLoop(BreaksOnOneCase):
-    """Never returns."""
+    """Never returns. Creates the file NORMCONF_TEST_HANG_MARKER names, when set,
+    as it starts to hang, so that a test knows when."""
 
     framework = "broken-hang"
 
     def broken_run(self, request):
+        marker = os.environ.get("NORMCONF_TEST_HANG_MARKER")
+        if marker:
+            Path(marker).touch()
         while True:
             time.sleep(0.01)
 
@@ -156,3 +162,64 @@ class LoadCrash(Float32Kernel):
         main = sys.modules["__main__"]
         if getattr(main.__spec__, "name", None) == "suites.isolation":
             os.abort()
+
+
+class ChangesInput(BreaksOnOneCase):
+    """Writes zeros into x before computing, as an in-place kernel does."""
+
+    framework = "broken-in-place"
+
+    def broken_run(self, request):
+        request.x.flags.writeable = True
+        request.x[...] = 0
+        return Float32Kernel.run(self, request)
+
+
+class ForeignOutput(BreaksOnOneCase):
+    """Returns its output as a memoryview, an object that cannot be pickled, as a
+    framework tensor left unconverted can be."""
+
+    framework = "broken-foreign"
+
+    def broken_run(self, request):
+        result = Float32Kernel.run(self, request)
+        result.output = memoryview(result.output)
+        return result
+
+
+class DtypeObject(Float32Kernel):
+    """Declares its result's dtype as a NumPy dtype instead of its name."""
+
+    framework = "dtype-object"
+
+    def run(self, request):
+        result = super().run(request)
+        result.dtype = np.dtype(result.dtype)
+        return result
+
+
+class UnsupportedReasonRaises(BreaksOnOneCase):
+    """unsupported_reason() raises for float16 and returns a number for float64."""
+
+    framework = "broken-reason"
+
+    def unsupported_reason(self, implementation, device, dtype):
+        if dtype == "float16":
+            raise LookupError("no table entry")
+        if dtype == "float64":
+            return 42
+        return super().unsupported_reason(implementation, device, dtype)
+
+
+class ReplacesFolder(Float32Kernel):
+    """Replaces the folder NORMCONF_TEST_FOLDER names with a plain file on its
+    first item, so that a report due there cannot be written at the end."""
+
+    framework = "replaces-folder"
+
+    def run(self, request):
+        folder = Path(os.environ["NORMCONF_TEST_FOLDER"])
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            folder.write_text("not a folder\n", encoding="utf-8")
+        return super().run(request)

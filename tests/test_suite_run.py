@@ -7,13 +7,17 @@ framework installed.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from suites import cases, deviations
-from tests.subprocess_runs import run_suite
+from tests.subprocess_runs import SUITE, run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE_ERROR = 4
@@ -316,8 +320,62 @@ BASE = "from tests.faults import Float32Kernel\n"
             BASE + "class A(Float32Kernel):\n    framework = 'Bad Name'\n",
             "framework name 'Bad Name'",
         ),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def version(self):\n        return 3\n",
+            "version() returned 3, not a non-empty string",
+        ),
+        (
+            BASE + "from adapters.contract import Device\n"
+            "class A(Float32Kernel):\n"
+            "    def devices(self):\n        return [Device('cpu'), Device('cpu')]\n",
+            "declares the device cpu twice",
+        ),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def devices(self):\n        return ['cpu']\n",
+            "devices() returned 'cpu', not a Device",
+        ),
+        (
+            BASE + "from adapters.contract import Device\n"
+            "class A(Float32Kernel):\n"
+            "    def devices(self):\n        return [Device('my gpu/0')]\n",
+            "device name 'my gpu/0'",
+        ),
+        (
+            BASE + "from adapters.contract import Implementation\n"
+            "class A(Float32Kernel):\n"
+            "    def implementations(self):\n"
+            "        return [Implementation('k', 'd', layouts=('nhwc',))]\n",
+            "declares layouts ('nhwc',)",
+        ),
+        (
+            BASE + "import numpy as np\n"
+            "class A(Float32Kernel):\n"
+            "    def math_modes(self):\n        return {'tf32': np.bool_(True)}\n",
+            "math_modes() maps 'tf32' to",
+        ),
+        (
+            BASE + "class A(Float32Kernel):\n"
+            "    def math_modes(self):\n        raise OSError('no device')\n",
+            "math_modes() raised OSError: no device",
+        ),
     ],
-    ids=["syntax", "init-raises", "init-arguments", "raises", "no-devices", "name"],
+    ids=[
+        "syntax",
+        "init-raises",
+        "init-arguments",
+        "raises",
+        "no-devices",
+        "name",
+        "version-type",
+        "duplicate-device",
+        "device-type",
+        "device-name",
+        "layouts",
+        "math-modes-value",
+        "math-modes-raises",
+    ],
 )
 def test_broken_adapter_usage_error(tmp_path, source, message):
     completed = run_with_module(tmp_path, source, "--adapter=trial_adapter:A")
@@ -604,3 +662,76 @@ def test_rerun_command_names_only_its_adapter(tmp_path):
         "pytest",
         "suites",
     ]
+
+
+def test_sigterm_writes_incomplete_report(tmp_path):
+    report = tmp_path / "report.json"
+    command = [*SUITE, "--adapter=tests.broken_adapters:InfiniteLoop"]
+    command += ["--dtypes=float32", "--cases=random-1d,random-2d,M1"]
+    command += [f"--report={report}"]
+    marker = tmp_path / "hanging"
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, NORMCONF_TEST_HANG_MARKER=str(marker)),
+    )
+    # random-1d passes, then random-2d never returns: wait for the hang.
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, output[-2000:]
+    run = read_report(report)["run"]
+    assert run == {"items": 3, "items_recorded": 1, "complete": False, "exit_status": 2}
+
+
+def test_version_outside_pep440_warns(tmp_path):
+    entries = tmp_path / "deviations.toml"
+    entries.write_text(
+        "[[deviation]]\n"
+        'framework = "nightly-kernel"\n'
+        'versions = ">=1"\n'
+        "date = 2026-12-04\n"
+        'implementations = ["kernel"]\n'
+        'cases = ["M1"]\n'
+        'reason = "a test entry"\n'
+        'link = "tests/test_suite_run.py"\n',
+        encoding="utf-8",
+    )
+    source = (
+        BASE + "class A(Float32Kernel):\n"
+        "    framework = 'nightly-kernel'\n"
+        "    def version(self):\n        return 'nightly build 42'\n"
+    )
+    completed = run_with_module(
+        tmp_path,
+        source,
+        "--adapter=trial_adapter:A",
+        "--cases=M1",
+        f"--deviations={entries}",
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    assert (
+        "normconf: WARNING: 1 deviation entries for nightly-kernel cannot apply: its "
+        "version 'nightly build 42' is not a PEP 440 version" in completed.stdout
+    )
+
+
+def test_rerun_command_repeats_isolation_options(tmp_path):
+    report = tmp_path / "report.json"
+    run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--dtypes=float32",
+        "--cases=M1",
+        "--item-timeout=30",
+        f"--report={report}",
+    )
+    commands = {record["command"] for record in read_report(report)["results"]}
+    assert len(commands) == 1
+    assert next(iter(commands)).endswith(
+        "--adapter=tests.faults:Float32Kernel --item-timeout=30.0"
+    )

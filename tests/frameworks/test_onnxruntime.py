@@ -141,6 +141,12 @@ def test_ort_providers_option_selects_devices(adapter, tmp_path):
     # cuda is declared whatever the list, unavailable unless the list names it.
     available = [device["name"] for device in devices if device["available"]]
     assert available == ["cpu"]
+    # A rerun tests the same providers.
+    results = json.loads(report.read_text(encoding="utf-8"))["results"]
+    assert all(
+        record["command"].endswith("--ort-providers=CPUExecutionProvider")
+        for record in results
+    )
 
 
 def test_ort_providers_option_rejects_unknown_name(adapter):
