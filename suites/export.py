@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         required=True,
-        type=Path,
+        type=_folder,
         metavar="DIR",
         help="folder to write into; created if missing",
     )
@@ -389,6 +389,13 @@ def _check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
             pass
     except OSError as error:
         parser.error(f"argument --output: cannot write in {str(output)!r}: {error}")
+
+
+def _folder(value: str) -> Path:
+    """Parse --output: an empty value would mean the current folder by accident."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the folder name is empty")
+    return Path(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from adapters import registry
 from adapters.contract import Device, Implementation
-from suites import cases, deviations, dtypes, isolation, replay, report
+from suites import cases, deviations, dtypes, files, isolation, replay, report
 from suites.verdicts import Item
 
 SUITES_DIR = Path(__file__).resolve().parent
@@ -60,6 +62,8 @@ class State:
     expected_items: int | None = None
     # The node ids of the items that recorded verdicts.
     recorded_items: set[str] = dataclasses.field(default_factory=set)
+    # Why a file the run writes at its end could not be written, by option name.
+    failed_writes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def deviation_status(self) -> DeviationStatus:
         """Sort the entries for the frameworks that ran by what this run showed.
@@ -325,8 +329,19 @@ def _isolate(config: pytest.Config, adapters: list, sources: dict) -> list:
     ]
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _validate_selection(config)
+    # A CI job that is cancelled gets SIGTERM. Stopping as on Ctrl-C lets pytest
+    # finish the session, so the report is written and marked incomplete.
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     providers = config.getoption("ort_providers")
     if providers is not None:
         if not _split(providers):
@@ -369,7 +384,10 @@ def _check_output_path(config: pytest.Config, option: str) -> None:
     if not path:
         return
     flag = "--" + option.replace("_", "-")
-    target = Path(path)
+    try:
+        target = files.replaceable_target(Path(path))
+    except OSError as error:
+        raise pytest.UsageError(f"{flag}: {error}") from error
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -521,6 +539,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         )
         if settings:
             lines.append(f"normconf: {adapter.framework} math modes: {settings}")
+        entries = [e for e in state.deviations if e.framework == adapter.framework]
+        if entries and not deviations.is_version(adapter.version()):
+            lines.append(
+                f"normconf: WARNING: {len(entries)} deviation entries for "
+                f"{adapter.framework} cannot apply: its version "
+                f"{adapter.version()!r} is not a PEP 440 version"
+            )
     for missing in state.missing:
         lines.append(f"normconf: {missing.framework} not installed ({missing.reason})")
     return lines
@@ -672,7 +697,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(state_key, None)
     if state is None or hasattr(config, "workerinput"):
         return
-    _write_updated_deviations(config, state)
+    try:
+        _write_updated_deviations(config, state)
+    except OSError as error:
+        _failed_write(session, state, "update_deviations", error)
     path = config.getoption("report")
     if not path:
         return
@@ -689,7 +717,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         entry.describe() for entry in status.unexercised
     ]
     document["run"] = run_summary(state, exitstatus)
-    report.write(document, Path(path))
+    try:
+        report.write(document, Path(path))
+    except OSError as error:
+        _failed_write(session, state, "report", error)
+
+
+def _failed_write(
+    session: pytest.Session, state: State, option: str, error: OSError
+) -> None:
+    """Record that the file --OPTION names could not be written at the end of the
+    run: the terminal summary says so instead of naming it, and the run exits with
+    pytest's usage-error status, as when the path fails the check at the start."""
+    state.failed_writes[option] = (
+        f"cannot write {session.config.getoption(option)}: {error}"
+    )
+    session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 # A wrapper that runs first, so that its part after the yield comes after pytest's
@@ -749,9 +792,13 @@ def write_summary(
         ("JUnit XML", getattr(config.option, "xmlpath", None)),
         ("replay bundles", config.getoption("replay_dir")),
     ]
+    options = {"deviations for review": "update_deviations", "report": "report"}
     bundles = {row["replay_command"] for row in state.records if row["replay_command"]}
     for label, path in paths:
         if label == "replay bundles" and path:
             label = f"replay bundles ({len(bundles)} written by this run)"
-        if path:
+        failure = state.failed_writes.get(options.get(label, ""))
+        if failure:
+            terminalreporter.write_line(f"ERROR: {label}: {failure}", red=True)
+        elif path:
             terminalreporter.write_line(f"{label}: {Path(path).resolve()}")

@@ -127,10 +127,25 @@ def build(
     }
 
 
+def _json_fallback(value: object) -> object:
+    """Return a JSON form of a value an adapter gave where the contract asks for a
+    plain one: a NumPy scalar's Python value, a dtype's name, or else its repr, so
+    that an odd value costs a readable field instead of the whole report."""
+    if isinstance(value, np.generic):
+        return (
+            json_number(value.item())
+            if isinstance(value, np.floating)
+            else value.item()
+        )
+    if isinstance(value, np.dtype):
+        return value.name
+    return repr(value)
+
+
 def write(document: dict, path: Path) -> None:
     """Write the report as strict JSON (no NaN or Infinity literals)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=1, allow_nan=False)
+    text = json.dumps(document, indent=1, allow_nan=False, default=_json_fallback)
     files.write_text_atomic(path, text + "\n")
 
 

@@ -12,14 +12,14 @@ SUITE = [sys.executable, "-m", "pytest", "suites", "-p", "no:cacheprovider"]
 
 
 def run_suite(
-    *arguments: str, python_path: Path | None = None
+    *arguments: str, python_path: Path | None = None, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run `pytest suites` with `arguments` from the repository root.
 
     `python_path`, when given, becomes PYTHONPATH, so that adapter modules written
-    by a test import.
+    by a test import. `env` adds environment variables.
     """
-    environment = dict(os.environ)
+    environment = dict(os.environ, **(env or {}))
     if python_path is not None:
         environment["PYTHONPATH"] = str(python_path)
     return subprocess.run(

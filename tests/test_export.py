@@ -417,6 +417,17 @@ def test_missing_output_exits_2(capsys):
     assert "--output" in lines[0]
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_output_exits_2(tmp_path, capsys, monkeypatch, value):
+    # An empty name would otherwise write the export into the current folder.
+    monkeypatch.chdir(tmp_path)
+    status = run_export("--output", value, "--cases", "random-2d")
+    lines = error_lines(capsys)
+    assert status == export.EXIT_USAGE
+    assert lines == [f"{ERROR_PREFIX}argument --output: the folder name is empty"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_output_exits_2(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder\n", encoding="utf-8")

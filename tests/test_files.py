@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from suites import files
+from tests.subprocess_runs import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,7 @@ KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
 from suites import files
+from tests.subprocess_runs import run_suite
 
 def half_then_die(handle):
     handle.write(b'{"results": [')
@@ -67,3 +69,47 @@ def test_killed_writer_leaves_old_report(tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "report.json"]
     assert len(leftovers) == 1
     assert leftovers[0].startswith(".report.json.")
+
+
+def test_symbolic_link_keeps_pointing_to_new_content(tmp_path):
+    target = tmp_path / "reports" / "real.json"
+    target.parent.mkdir()
+    target.write_text("old\n", encoding="utf-8")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    files.write_text_atomic(link, "new\n")
+    assert link.is_symlink()
+    assert target.read_text(encoding="utf-8") == "new\n"
+
+
+def test_special_file_is_not_replaced(tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(OSError, match="exists and is not a regular file"):
+        files.write_text_atomic(pipe, "{}\n")
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_report_path_to_special_file_is_usage_error(tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel", "--cases=M1", f"--report={pipe}"
+    )
+    assert completed.returncode == 4
+    assert f"--report: {pipe} exists and is not a regular file" in completed.stderr
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_report_unwritable_at_end_is_usage_error(tmp_path):
+    report = tmp_path / "out" / "report.json"
+    completed = run_suite(
+        "--adapter=tests.broken_adapters:ReplacesFolder",
+        "--dtypes=float32",
+        "--cases=M1",
+        f"--report={report}",
+        env={"NORMCONF_TEST_FOLDER": str(report.parent)},
+    )
+    assert completed.returncode == 4, completed.stdout[-2000:]
+    assert f"ERROR: report: cannot write {report}:" in completed.stdout
+    assert "Traceback" not in completed.stdout + completed.stderr
