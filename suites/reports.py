@@ -417,11 +417,22 @@ def _format_ratio(ratio: float) -> str:
 
 
 def _framework_rows(sources: dict[str, dict]) -> list[list[str]]:
+    """Return a row per framework per report. A framework that one report names
+    as not installed is left out when another report ran it: each tox
+    environment installs one framework and lists the others as missing."""
+    ran = {
+        framework
+        for entry in sources.values()
+        for framework, details in entry["environment"]["frameworks"].items()
+        if isinstance(details, dict) and "missing" not in details
+    }
     rows = []
     for source, entry in sources.items():
         frameworks = entry["environment"]["frameworks"]
         for framework, details in sorted(frameworks.items()):
             if not isinstance(details, dict):
+                continue
+            if "missing" in details and framework in ran:
                 continue
             if "missing" in details:
                 version = "not installed"

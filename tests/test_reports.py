@@ -590,6 +590,22 @@ def test_markdown_missing_framework(workdir, capsys):
     assert table_row(text, "mxnet")[1:3] == ["not installed", "no module mxnet"]
 
 
+def test_markdown_hides_missing_framework_that_ran_elsewhere(workdir, capsys):
+    # Each tox environment lists the frameworks it lacks; the one that ran
+    # numpy-float32 says so, so the other's "not installed" row is noise.
+    document = read(workdir / "fault.json")
+    document["environment"]["frameworks"]["numpy-float32"] = {"missing": "absent"}
+    write(workdir / "fault-env.json", document)
+    status = reports.main(
+        ["merge", "kernel.json", "fault-env.json", "--output", "m.json"]
+    )
+    assert status == 0
+    text = render(capsys, "m.json")
+    rows = [line for line in text.splitlines() if line.startswith("| numpy-float32 |")]
+    assert len(rows) == 1
+    assert "not installed" not in rows[0]
+
+
 def test_markdown_rejects_bad_input(workdir, capsys):
     write(workdir / "other.json", {"schema": "something-else"})
     status = reports.main(["markdown", "other.json", "--output", "summary.md"])
