@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import functools
 import json
 import re
 import tomllib
@@ -140,21 +141,26 @@ class Deviation:
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_version(version: str) -> Version | None:
+    """Return `version` without a local suffix such as torch's '+cpu', parsed,
+    or None where it is not a PEP 440 version. Cached: every record asks."""
+    try:
+        return Version(version.split("+")[0])
+    except InvalidVersion:
+        return None
+
+
 def is_version(version: str) -> bool:
     """Return True if deviation entries can match `version`: a PEP 440 version,
     with or without a local suffix such as torch's '+cpu'."""
-    try:
-        Version(version.split("+")[0])
-    except InvalidVersion:
-        return False
-    return True
+    return _parse_version(version) is not None
 
 
 def version_matches(version: str, specifiers: SpecifierSet) -> bool:
     """Match a framework version, ignoring a local suffix such as torch's '+cpu'."""
-    try:
-        parsed = Version(version.split("+")[0])
-    except InvalidVersion:
+    parsed = _parse_version(version)
+    if parsed is None:
         return False
     return specifiers.contains(parsed, prereleases=True)
 
@@ -307,8 +313,11 @@ def apply(
     Returns the entries that matched at least one record.
     """
     used = []
+    # Only non-conforming records can become deviations (see explains); most
+    # records conform, so they are set aside before any entry looks at them.
+    candidates = [record for record in records if not record["conforming"]]
     for deviation in deviations:
-        for record in records:
+        for record in candidates:
             if not deviation.covers(record, version):
                 continue
             if not deviation.explains(record):

@@ -199,10 +199,16 @@ def compare(
     errors = normalized_errors(got, expected, scale, units or dtype)
     # An exact value beyond the dtype's range rounds to an infinity, which is then
     # the one correct result (sum(dy) over 2^18 elements overflows float16).
+    # Rounding the whole array costs more than the rest of the comparison, so it
+    # happens only where some finite exact value lies beyond the largest finite
+    # value of the dtype, the only values that can round to an infinity.
+    exact = normalization.as_float64(expected)
     with np.errstate(over="ignore", invalid="ignore"):
-        rounded = dtypes.round_to(normalization.as_float64(expected), dtype)
-        overflowed = np.isinf(rounded) & np.isfinite(expected)
-        errors = np.where(overflowed & (np.asarray(got) == rounded), 0.0, errors)
+        beyond = np.isfinite(exact) & (np.abs(exact) > dtypes.MAX_FINITE[dtype])
+        if beyond.any():
+            rounded = dtypes.round_to(exact, dtype)
+            overflowed = np.isinf(rounded) & beyond
+            errors = np.where(overflowed & (np.asarray(got) == rounded), 0.0, errors)
     flat = int(np.argmax(errors))
     index = tuple(int(i) for i in np.unravel_index(flat, errors.shape))
     got_value = float(np.asarray(got, dtype=np.float64)[index])

@@ -25,6 +25,8 @@ from suites.verdicts import Item
 SUITES_DIR = Path(__file__).resolve().parent
 DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECORDS_KEY = "normconf_records"
+# Part of the node id of every conformance item.
+CONFORMANCE_TEST = "::test_instance_norm["
 # The ONNX Runtime adapter reads its providers from this variable, which worker
 # processes inherit; --ort-providers sets it.
 ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
@@ -482,23 +484,29 @@ def targets(config: pytest.Config) -> list[Target]:
     )
     seed = config.getoption("seed")
 
+    # Items that share a case and dtype run one after another, so that they share
+    # the cached inputs and reference (suites.cases.materialize and
+    # suites.verdicts.catalogue_reference) while those are in the cache.
+    combinations = [
+        (adapter, implementation, device)
+        for adapter in state.adapters
+        for implementation in adapter.implementations()
+        for device in adapter.devices()
+        if _device_selected(device, selected_devices)
+    ]
     expanded = []
-    for adapter in state.adapters:
-        for implementation in adapter.implementations():
-            for device in adapter.devices():
-                if not _device_selected(device, selected_devices):
-                    continue
-                for dtype in selected_dtypes:
-                    for case in selected_cases:
-                        item = Item(
-                            adapter.framework,
-                            implementation.name,
-                            device.name,
-                            dtype,
-                            case,
-                            seed,
-                        )
-                        expanded.append(Target(adapter, implementation, device, item))
+    for dtype in selected_dtypes:
+        for case in selected_cases:
+            for adapter, implementation, device in combinations:
+                item = Item(
+                    adapter.framework,
+                    implementation.name,
+                    device.name,
+                    dtype,
+                    case,
+                    seed,
+                )
+                expanded.append(Target(adapter, implementation, device, item))
     return expanded
 
 
@@ -573,16 +581,21 @@ def record_verdicts(
     source = state.sources[target.adapter.framework]
     summary = None
     if inputs is not None:
-        summary = report.inputs_summary(target.item.case, target.item.seed, inputs)
+        summary = report.cached_inputs_summary(
+            target.item.case, target.item.dtype, target.item.seed
+        )
     for row in rows:
         row["command"] = command
         row["replay_command"] = (
             replay.replay_command(bundle, source) if bundle else None
         )
         row["inputs"] = summary
-        row["worst_slice"] = (
-            report.worst_slice(inputs, row["worst_index"]) if inputs else None
-        )
+        index = row["worst_index"]
+        row["worst_slice"] = None
+        if inputs is not None and index:
+            row["worst_slice"] = report.cached_worst_slice(
+                target.item.case, target.item.dtype, target.item.seed, tuple(index[:2])
+            )
     node.user_properties.append((RECORDS_KEY, rows))
     return rows
 
@@ -665,6 +678,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "conformance_target" in getattr(item, "fixturenames", ())
         for item in session.items
     )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """Count the selected items in the controller of a pytest-xdist run, which
+    collects nothing itself: each worker reports the same ids."""
+    state = node.config.stash.get(state_key, None)
+    if state is None:
+        return
+    state.expected_items = sum(CONFORMANCE_TEST in nodeid for nodeid in ids)
 
 
 def run_summary(state: State, exit_status: int) -> dict:

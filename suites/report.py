@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import platform
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from suites import files
-from suites.cases import Case, Inputs
+from suites.cases import Case, Inputs, materialize
 from suites.verdicts import VERDICTS, json_number
 
 SCHEMA = "normconf-report"
@@ -69,6 +70,13 @@ def inputs_summary(case: Case, seed: int, inputs: Inputs) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=8)
+def cached_inputs_summary(case: Case, dtype: str, seed: int) -> dict:
+    """Return inputs_summary of the catalogue inputs of (case, dtype, seed), which
+    every implementation and device tested on them shares. Treat it as read-only."""
+    return inputs_summary(case, seed, materialize(case, dtype, seed))
+
+
 def worst_slice(inputs: Inputs, worst_index: list[int] | None) -> dict | None:
     """Return a summary of the x values that share the worst element's
     normalization slice: slice (n, c) for an element of the output or grad_input,
@@ -84,6 +92,16 @@ def worst_slice(inputs: Inputs, worst_index: list[int] | None) -> dict | None:
         "channel": channel,
         "x": array_summary(inputs.x[sample, channel]),
     }
+
+
+@functools.lru_cache(maxsize=256)
+def cached_worst_slice(
+    case: Case, dtype: str, seed: int, slice_index: tuple[int, ...]
+) -> dict:
+    """Return worst_slice for the catalogue inputs of (case, dtype, seed) and the
+    slice index (sample, channel) or (channel,): implementations tested on the
+    same inputs often share their worst slice. Treat it as read-only."""
+    return worst_slice(materialize(case, dtype, seed), list(slice_index))
 
 
 def build(

@@ -468,7 +468,7 @@ def _run(
     # An isolated adapter's worker checks its own copy of the inputs; here the
     # adapter works on the cached arrays, which every later item shares.
     in_process = not isinstance(adapter, isolation.IsolatedAdapter)
-    before = isolation.input_fingerprints(request) if in_process else None
+    before = isolation.input_snapshot(request) if in_process else None
     try:
         result = adapter.run(request)
     except Rejected as rejection:
