@@ -735,3 +735,32 @@ def test_rerun_command_repeats_isolation_options(tmp_path):
     assert next(iter(commands)).endswith(
         "--adapter=tests.faults:Float32Kernel --item-timeout=30.0"
     )
+
+
+def test_parallel_run_gives_serial_verdicts(tmp_path):
+    pytest.importorskip("xdist")
+    reports = {}
+    for name, options in (("serial", []), ("parallel", ["-n", "2"])):
+        reports[name] = tmp_path / f"{name}.json"
+        completed = run_suite(
+            "--adapter=tests.faults:OnePassVariance",
+            "--adapter=tests.broken_adapters:Erratic",
+            "--dtypes=float32,float16",
+            f"--report={reports[name]}",
+            *options,
+        )
+        assert completed.returncode == 1, completed.stdout[-2000:]
+
+    def verdicts(path: Path) -> dict:
+        return {
+            (r["framework"], r["dtype"], r["case"], r["quantity"]): (
+                r["verdict"],
+                r["error"],
+            )
+            for r in read_report(path)["results"]
+        }
+
+    serial, parallel = verdicts(reports["serial"]), verdicts(reports["parallel"])
+    assert parallel == serial
+    assert {verdict for verdict, _ in serial.values()} >= {"pass", "fail", "error"}
+    assert read_report(reports["parallel"])["run"]["complete"] is True

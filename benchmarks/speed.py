@@ -1,0 +1,271 @@
+"""Measure normconf's own cost: the same items through the suite and as a bare loop.
+
+    python benchmarks/speed.py [--frameworks LIST] [--repeat N] [--isolation MODE]
+        [--cases LIST] [--dtypes LIST] [--json PATH]
+
+For each installed built-in framework, in one process, one after the other and
+repeated, it runs every CPU item the adapter supports two ways:
+
+- through normconf: `pytest suites --framework NAME --devices cpu` in this process,
+  with the report written, so each item pays for the pytest item, the adapter
+  call (in a worker process unless --isolation none), the reference, the error
+  model and the report record;
+- as a bare loop: the run() of a newly loaded adapter on requests built
+  beforehand, which is the framework's own work (inputs converted to its tensors,
+  forward and backward, results converted back, and set-up such as ONNX Runtime
+  sessions) and nothing else.
+
+It prints, per framework, the items that ran, items per second both ways and the
+ratio of normconf's time to the bare loop's, for the item loop alone (from the first
+item's start to the last item's end) and for the whole pytest run (which adds
+collection, loading the adapter and starting its worker). It also prints the peak
+resident memory of this process and of its worker processes. The figures are
+medians over the repeats; the first repeat of each way also warms the framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from adapters import registry  # noqa: E402
+from adapters.contract import Rejected  # noqa: E402
+from suites import cases, dtypes, report, verdicts  # noqa: E402
+from suites.verdicts import Item, build_request, unsupported_reason  # noqa: E402
+
+TARGET_RATIO = 1.3
+
+
+@dataclass
+class Figures:
+    """One framework's measurements, in seconds and items per second."""
+
+    framework: str
+    version: str
+    items: int
+    bare_s: float
+    loop_s: float
+    session_s: float
+
+    @property
+    def bare_rate(self) -> float:
+        return self.items / self.bare_s
+
+    @property
+    def loop_ratio(self) -> float:
+        return self.loop_s / self.bare_s
+
+    @property
+    def session_ratio(self) -> float:
+        return self.session_s / self.bare_s
+
+
+class ItemClock:
+    """A pytest plugin that times the item loop: from the first item's start to
+    the last item's end."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def pytest_runtest_logstart(self, nodeid, location) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def pytest_runtest_logfinish(self, nodeid, location) -> None:
+        self.last = time.perf_counter()
+
+
+def cpu_items(adapter: object, selected_cases, selected_dtypes) -> list[tuple]:
+    """Return (item, implementation) for every CPU item the adapter runs."""
+    devices = {device.name: device for device in adapter.devices()}
+    cpu = devices["cpu"]
+    chosen = []
+    for implementation in adapter.implementations():
+        for dtype in selected_dtypes:
+            for case in selected_cases:
+                item = Item(
+                    adapter.framework, implementation.name, "cpu", dtype, case, 0
+                )
+                if unsupported_reason(adapter, implementation, cpu, item) is None:
+                    chosen.append((item, implementation))
+    return chosen
+
+
+def bare_loop(adapter: object, items: list[tuple]) -> float:
+    """Return the seconds the adapter's run() takes over the items, with every
+    request built beforehand."""
+    requests = [
+        build_request(
+            item,
+            cases.materialize(item.case, item.dtype, item.seed),
+            implementation.gradients,
+        )
+        for item, implementation in items
+    ]
+    start = time.perf_counter()
+    for request in requests:
+        try:
+            adapter.run(request)
+        except Rejected:
+            pass
+    return time.perf_counter() - start
+
+
+def clear_caches() -> None:
+    """Forget the inputs and references, so that each normconf run computes them
+    as a fresh run does."""
+    cases.materialize.cache_clear()
+    verdicts.catalogue_reference.cache_clear()
+    report.cached_inputs_summary.cache_clear()
+    report.cached_worst_slice.cache_clear()
+
+
+def through_normconf(framework: str, arguments: argparse.Namespace) -> tuple:
+    """Run the suite for the framework in this process; return the seconds of the
+    item loop and of the whole pytest run."""
+    clear_caches()
+    clock = ItemClock()
+    with tempfile.TemporaryDirectory() as folder:
+        options = [
+            str(ROOT / "suites"),
+            f"--framework={framework}",
+            "--devices=cpu",
+            f"--isolation={arguments.isolation}",
+            f"--report={Path(folder) / 'report.json'}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ]
+        if arguments.cases:
+            options.append(f"--cases={arguments.cases}")
+        options.append(f"--dtypes={','.join(arguments.dtype_list)}")
+        start = time.perf_counter()
+        status = pytest.main(options, plugins=[clock])
+        session = time.perf_counter() - start
+    if status not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        raise SystemExit(f"the {framework} run stopped with exit status {status}")
+    return clock.last - clock.first, session
+
+
+def measure(framework: str, arguments: argparse.Namespace) -> Figures | None:
+    try:
+        adapter = registry.load_builtin(framework)
+    except registry.AdapterLoadError as error:
+        print(f"{framework}: skipped ({error})", file=sys.stderr)
+        return None
+    selected_cases = (
+        [cases.by_name(name) for name in arguments.cases.split(",")]
+        if arguments.cases
+        else list(cases.CATALOGUE)
+    )
+    items = cpu_items(adapter, selected_cases, arguments.dtype_list)
+    bare, loops, sessions = [], [], []
+    for _ in range(arguments.repeat):
+        # A new adapter each time, as each normconf run loads one: set-up that
+        # an adapter caches (ONNX Runtime sessions) is paid by both ways alike.
+        bare.append(bare_loop(registry.load_builtin(framework), items))
+        loop, session = through_normconf(framework, arguments)
+        loops.append(loop)
+        sessions.append(session)
+    return Figures(
+        framework=framework,
+        version=adapter.version(),
+        items=len(items),
+        bare_s=statistics.median(bare),
+        loop_s=statistics.median(loops),
+        session_s=statistics.median(sessions),
+    )
+
+
+def peak_mib(who: int) -> float:
+    """Return the peak resident memory of this process (RUSAGE_SELF) or of its
+    largest finished child (RUSAGE_CHILDREN) in MiB; Linux reports KiB."""
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def print_table(figures: list[Figures]) -> None:
+    header = (
+        f"{'framework':<22}{'items':>7}{'bare items/s':>14}{'normconf items/s':>18}"
+        f"{'ratio':>7}{'with startup':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for entry in figures:
+        print(
+            f"{entry.framework + ' ' + entry.version:<22}{entry.items:>7}"
+            f"{entry.bare_rate:>14.1f}{entry.items / entry.loop_s:>18.1f}"
+            f"{entry.loop_ratio:>7.2f}{entry.session_ratio:>14.2f}"
+        )
+    print(
+        f"ratio: normconf's item loop / the bare loop (target {TARGET_RATIO}); "
+        "with startup: the whole pytest run / the bare loop"
+    )
+    print(
+        f"peak resident memory: this process {peak_mib(resource.RUSAGE_SELF):.0f} MiB"
+    )
+    print(
+        "peak resident memory: largest worker process "
+        f"{peak_mib(resource.RUSAGE_CHILDREN):.0f} MiB (finished workers only)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/speed.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--frameworks",
+        default=",".join(sorted(registry.BUILTIN)),
+        help="comma-separated built-in frameworks; those not installed are skipped",
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--isolation", choices=("process", "none"), default="process")
+    parser.add_argument("--cases", default=None, help="comma-separated case names")
+    parser.add_argument("--dtypes", default=",".join(dtypes.DTYPES))
+    parser.add_argument("--json", type=Path, default=None, help="also write JSON")
+    arguments = parser.parse_args(argv)
+    arguments.dtype_list = [name for name in arguments.dtypes.split(",") if name]
+    if arguments.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    figures = []
+    for framework in arguments.frameworks.split(","):
+        entry = measure(framework.strip(), arguments)
+        if entry is not None:
+            figures.append(entry)
+    if not figures:
+        print("no framework to measure", file=sys.stderr)
+        return 1
+    print()
+    print(
+        f"normconf speed, --isolation {arguments.isolation}, "
+        f"median of {arguments.repeat} runs"
+    )
+    print_table(figures)
+    if arguments.json is not None:
+        document = {
+            "isolation": arguments.isolation,
+            "repeat": arguments.repeat,
+            "peak_rss_mib": peak_mib(resource.RUSAGE_SELF),
+            "peak_worker_rss_mib": peak_mib(resource.RUSAGE_CHILDREN),
+            "figures": [asdict(entry) for entry in figures],
+        }
+        arguments.json.write_text(json.dumps(document, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
