@@ -16,11 +16,14 @@ repeated, it runs every CPU item the adapter supports two ways:
   sessions) and nothing else.
 
 It prints, per framework, the items that ran, items per second both ways and the
-ratio of normconf's time to the bare loop's, for the item loop alone (from the first
-item's start to the last item's end) and for the whole pytest run (which adds
-collection, loading the adapter and starting its worker). It also prints the peak
-resident memory of this process and of its worker processes. The figures are
-medians over the repeats; the first repeat of each way also warms the framework.
+ratio of normconf's time to the bare loop's. The ratio compares the item loops
+without their first item: in normconf that item also starts the worker process and
+imports the framework there, and in both it pays for the framework's first calls.
+`with startup` compares the whole pytest run, collection, adapter loading and the
+first item included, with the whole bare loop. It also prints the peak resident
+memory of this process and of the largest worker process. Before the measured
+repeats, one round of both ways warms the framework and is discarded; the figures
+are medians over the repeats.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import pytest  # noqa: E402
 
 from adapters import registry  # noqa: E402
 from adapters.contract import Rejected  # noqa: E402
-from suites import cases, dtypes, report, verdicts  # noqa: E402
+from suites import cases, dtypes, isolation, report, verdicts  # noqa: E402
 from suites.verdicts import Item, build_request, unsupported_reason  # noqa: E402
 
 TARGET_RATIO = 1.3
@@ -55,13 +58,20 @@ class Figures:
     framework: str
     version: str
     items: int
+    # The item loops without their first item, and the whole bare loop.
     bare_s: float
+    whole_bare_s: float
     loop_s: float
+    # The whole pytest run.
     session_s: float
 
     @property
     def bare_rate(self) -> float:
-        return self.items / self.bare_s
+        return (self.items - 1) / self.bare_s
+
+    @property
+    def loop_rate(self) -> float:
+        return (self.items - 1) / self.loop_s
 
     @property
     def loop_ratio(self) -> float:
@@ -69,23 +79,22 @@ class Figures:
 
     @property
     def session_ratio(self) -> float:
-        return self.session_s / self.bare_s
+        return self.session_s / self.whole_bare_s
 
 
 class ItemClock:
-    """A pytest plugin that times the item loop: from the first item's start to
-    the last item's end."""
+    """A pytest plugin that times the item loop after its first item: from the
+    first item's end to the last item's end."""
 
     def __init__(self) -> None:
-        self.first: float | None = None
-        self.last: float | None = None
-
-    def pytest_runtest_logstart(self, nodeid, location) -> None:
-        if self.first is None:
-            self.first = time.perf_counter()
+        self.first_end: float | None = None
+        self.last_end: float | None = None
 
     def pytest_runtest_logfinish(self, nodeid, location) -> None:
-        self.last = time.perf_counter()
+        now = time.perf_counter()
+        if self.first_end is None:
+            self.first_end = now
+        self.last_end = now
 
 
 def cpu_items(adapter: object, selected_cases, selected_dtypes) -> list[tuple]:
@@ -104,9 +113,9 @@ def cpu_items(adapter: object, selected_cases, selected_dtypes) -> list[tuple]:
     return chosen
 
 
-def bare_loop(adapter: object, items: list[tuple]) -> float:
-    """Return the seconds the adapter's run() takes over the items, with every
-    request built beforehand."""
+def bare_loop(adapter: object, items: list[tuple]) -> tuple[float, float]:
+    """Return the seconds the adapter's run() takes over the items after the
+    first, and over all of them, with every request built beforehand."""
     requests = [
         build_request(
             item,
@@ -116,12 +125,16 @@ def bare_loop(adapter: object, items: list[tuple]) -> float:
         for item, implementation in items
     ]
     start = time.perf_counter()
+    first_end = None
     for request in requests:
         try:
             adapter.run(request)
         except Rejected:
             pass
-    return time.perf_counter() - start
+        if first_end is None:
+            first_end = time.perf_counter()
+    end = time.perf_counter()
+    return end - first_end, end - start
 
 
 def clear_caches() -> None:
@@ -157,7 +170,7 @@ def through_normconf(framework: str, arguments: argparse.Namespace) -> tuple:
         session = time.perf_counter() - start
     if status not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise SystemExit(f"the {framework} run stopped with exit status {status}")
-    return clock.last - clock.first, session
+    return clock.last_end - clock.first_end, session
 
 
 def measure(framework: str, arguments: argparse.Namespace) -> Figures | None:
@@ -172,12 +185,24 @@ def measure(framework: str, arguments: argparse.Namespace) -> Figures | None:
         else list(cases.CATALOGUE)
     )
     items = cpu_items(adapter, selected_cases, arguments.dtype_list)
-    bare, loops, sessions = [], [], []
-    for _ in range(arguments.repeat):
+    if len(items) < 2:
+        print(
+            f"{framework}: skipped (it runs {len(items)} of the selected items; the "
+            "ratio needs at least 2)",
+            file=sys.stderr,
+        )
+        return None
+    bare, whole_bare, loops, sessions = [], [], [], []
+    # The first round warms the framework and is not counted.
+    for round_number in range(arguments.repeat + 1):
         # A new adapter each time, as each normconf run loads one: set-up that
         # an adapter caches (ONNX Runtime sessions) is paid by both ways alike.
-        bare.append(bare_loop(registry.load_builtin(framework), items))
+        loop_bare, all_bare = bare_loop(registry.load_builtin(framework), items)
         loop, session = through_normconf(framework, arguments)
+        if round_number == 0:
+            continue
+        bare.append(loop_bare)
+        whole_bare.append(all_bare)
         loops.append(loop)
         sessions.append(session)
     return Figures(
@@ -185,15 +210,16 @@ def measure(framework: str, arguments: argparse.Namespace) -> Figures | None:
         version=adapter.version(),
         items=len(items),
         bare_s=statistics.median(bare),
+        whole_bare_s=statistics.median(whole_bare),
         loop_s=statistics.median(loops),
         session_s=statistics.median(sessions),
     )
 
 
-def peak_mib(who: int) -> float:
-    """Return the peak resident memory of this process (RUSAGE_SELF) or of its
-    largest finished child (RUSAGE_CHILDREN) in MiB; Linux reports KiB."""
-    return resource.getrusage(who).ru_maxrss / 1024
+def peak_mib() -> float:
+    """Return the peak resident memory of this process in MiB (Linux reports
+    ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def print_table(figures: list[Figures]) -> None:
@@ -206,20 +232,54 @@ def print_table(figures: list[Figures]) -> None:
     for entry in figures:
         print(
             f"{entry.framework + ' ' + entry.version:<22}{entry.items:>7}"
-            f"{entry.bare_rate:>14.1f}{entry.items / entry.loop_s:>18.1f}"
+            f"{entry.bare_rate:>14.1f}{entry.loop_rate:>18.1f}"
             f"{entry.loop_ratio:>7.2f}{entry.session_ratio:>14.2f}"
         )
     print(
-        f"ratio: normconf's item loop / the bare loop (target {TARGET_RATIO}); "
-        "with startup: the whole pytest run / the bare loop"
+        "ratio: normconf's item loop / the bare loop, both without their first item "
+        f"(target {TARGET_RATIO}); with startup: the whole pytest run / the whole "
+        "bare loop"
     )
-    print(
-        f"peak resident memory: this process {peak_mib(resource.RUSAGE_SELF):.0f} MiB"
-    )
-    print(
-        "peak resident memory: largest worker process "
-        f"{peak_mib(resource.RUSAGE_CHILDREN):.0f} MiB (finished workers only)"
-    )
+    print(f"peak resident memory: this process {peak_mib():.0f} MiB")
+    workers = max(isolation.WORKER_PEAKS_MIB, default=None)
+    if workers is not None:
+        print(f"peak resident memory: largest worker process {workers} MiB")
+
+
+def names(value: str) -> list[str]:
+    """Split a comma-separated list, dropping empty names and repeats."""
+    parts = (name.strip() for name in value.split(","))
+    return list(dict.fromkeys(name for name in parts if name))
+
+
+def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
+    """Stop with a usage error (exit status 2) on a value the run cannot use."""
+    if arguments.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    arguments.framework_list = names(arguments.frameworks)
+    unknown = [
+        name for name in arguments.framework_list if name not in registry.BUILTIN
+    ]
+    if unknown or not arguments.framework_list:
+        parser.error(
+            f"--frameworks: unknown framework {', '.join(unknown) or '(none given)'}; "
+            f"built-in frameworks: {', '.join(sorted(registry.BUILTIN))}"
+        )
+    arguments.dtype_list = names(arguments.dtypes)
+    for name in arguments.dtype_list:
+        try:
+            dtypes.check_dtype(name)
+        except ValueError as error:
+            parser.error(f"--dtypes: {error}")
+    if arguments.cases is not None:
+        for name in names(arguments.cases):
+            try:
+                cases.by_name(name)
+            except KeyError as error:
+                parser.error(f"--cases: {error.args[0]}")
+        arguments.cases = ",".join(names(arguments.cases))
+    if arguments.json is not None and not arguments.json.parent.is_dir():
+        parser.error(f"--json: the folder of {arguments.json} does not exist")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,13 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(dtypes.DTYPES))
     parser.add_argument("--json", type=Path, default=None, help="also write JSON")
     arguments = parser.parse_args(argv)
-    arguments.dtype_list = [name for name in arguments.dtypes.split(",") if name]
-    if arguments.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    check_arguments(parser, arguments)
 
     figures = []
-    for framework in arguments.frameworks.split(","):
-        entry = measure(framework.strip(), arguments)
+    for framework in arguments.framework_list:
+        entry = measure(framework, arguments)
         if entry is not None:
             figures.append(entry)
     if not figures:
@@ -259,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "isolation": arguments.isolation,
             "repeat": arguments.repeat,
-            "peak_rss_mib": peak_mib(resource.RUSAGE_SELF),
-            "peak_worker_rss_mib": peak_mib(resource.RUSAGE_CHILDREN),
+            "peak_rss_mib": peak_mib(),
+            "peak_worker_rss_mib": max(isolation.WORKER_PEAKS_MIB, default=None),
             "figures": [asdict(entry) for entry in figures],
         }
         arguments.json.write_text(json.dumps(document, indent=1) + "\n")

@@ -49,6 +49,11 @@ STDERR_TAIL_LINES = 12
 STDERR_TAIL_CHARACTERS = 2000
 
 
+# The peak resident memory of every worker this process stopped, in MiB, for
+# benchmarks/speed.py. A worker killed after dying on its own is not measured.
+WORKER_PEAKS_MIB: list[int] = []
+
+
 class WorkerFailure(Exception):
     """An item's worker process died, timed out, ran out of its memory limit or
     could not send its result. The message is the item's `error` verdict message."""
@@ -84,17 +89,27 @@ def physical_memory_mib() -> int | None:
     return pages * page_size // (1024 * 1024)
 
 
-def resident_mib(pid: int) -> int | None:
-    """Return the resident memory of process `pid` in MiB from /proc (Linux), or
-    None where /proc does not have it."""
+def _status_mib(pid: int, field: str) -> int | None:
+    """Return a memory field of /proc/PID/status (Linux) in MiB, or None where
+    /proc does not have it."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) // 1024
     except (OSError, ValueError):
         return None
     return None
+
+
+def resident_mib(pid: int) -> int | None:
+    """Return the resident memory of process `pid` in MiB, or None if unknown."""
+    return _status_mib(pid, "VmRSS")
+
+
+def peak_resident_mib(pid: int) -> int | None:
+    """Return the peak resident memory of process `pid` in MiB, or None."""
+    return _status_mib(pid, "VmHWM")
 
 
 def describe_exit(returncode: int) -> str:
@@ -176,8 +191,12 @@ class Worker:
             raise WorkerFailure(self.start_failure)
 
     def stop(self) -> None:
-        """Kill the worker's process group and release its pipes."""
+        """Kill the worker's process group and release its pipes, noting its peak
+        resident memory in WORKER_PEAKS_MIB first."""
         if self.process is not None and self.process.poll() is None:
+            peak = peak_resident_mib(self.process.pid)
+            if peak is not None:
+                WORKER_PEAKS_MIB.append(peak)
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -328,10 +347,12 @@ def changed_inputs_message(
 ) -> str | None:
     """Return the error message for inputs the adapter changed in place since
     `before` was taken, or None when it changed none."""
+    # Byte by byte: a NaN compares equal to itself, and it costs less than
+    # comparing values.
     changed = [
         name
         for name, copy in before.items()
-        if not np.array_equal(getattr(request, name), copy, equal_nan=True)
+        if getattr(request, name).tobytes() != copy.tobytes()
     ]
     if not changed:
         return None

@@ -692,12 +692,14 @@ def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
 
 def run_summary(state: State, exit_status: int) -> dict:
     """Return how much of the selected matrix recorded verdicts, for the report:
-    a run stopped by -x, --maxfail or Ctrl-C is marked incomplete."""
+    a run that -x, --maxfail or Ctrl-C stopped before its last item is marked
+    incomplete. One stopped after every item recorded (as pytest-xdist's -x can
+    be) is complete, whatever its exit status."""
     recorded = len(state.recorded_items)
     expected = state.expected_items
     complete = None
     if expected is not None:
-        complete = recorded == expected and exit_status != pytest.ExitCode.INTERRUPTED
+        complete = recorded == expected
     return {
         "items": expected,
         "items_recorded": recorded,
