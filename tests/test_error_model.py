@@ -56,6 +56,15 @@ def test_zero_scale_mismatch():
     assert errors([1e-30], [0.0], [0.0])[0] == math.inf
 
 
+def test_mixed_array_applies_each_rule_per_element():
+    got = [1.0 + 3 * 2 * U32, np.nan, np.inf, 1.0, 0.5, -np.inf, 1e-30, np.nan]
+    expected = [1.0, np.nan, np.inf, np.nan, 0.5, np.inf, 0.0, 2.0]
+    scale = [2.0, np.nan, np.inf, np.nan, 0.0, np.inf, 0.0, 1.0]
+    result = errors(got, expected, scale)
+    assert result[0] == pytest.approx(3.0)
+    assert list(result[1:]) == [0.0, 0.0, math.inf, 0.0, math.inf, math.inf, math.inf]
+
+
 def test_budget_grows_with_length():
     budgets = [error_model.budget("output", "float32", n) for n in (1, 64, 4096)]
     assert budgets[0] < budgets[1] < budgets[2]
