@@ -575,7 +575,9 @@ def record_verdicts(
     non-conforming item's rows also get the command that replays its bundle.
     """
     state = node.config.stash[state_key]
-    rows = [dataclasses.asdict(record) for record in records]
+    # A shallow copy of each record's fields: dataclasses.asdict would deep-copy
+    # every value, and nothing uses the records again.
+    rows = [dict(vars(record)) for record in records]
     deviations.apply(rows, state.deviations, target.adapter.version())
     bundle = write_replay_bundle(node, target, rows, command)
     source = state.sources[target.adapter.framework]
