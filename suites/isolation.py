@@ -128,8 +128,11 @@ def describe_exit(returncode: int) -> str:
 
 # Offsets of arrays in an ArrayArea are multiples of this, a cache line.
 AREA_ALIGNMENT = 64
-# Where ArrayArea files live: shared memory where Linux has it.
-AREA_FOLDER = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# Where ArrayArea files live: NORMCONF_AREA_DIR when set, else shared memory where
+# Linux has it, else the temporary folder.
+AREA_FOLDER = os.environ.get("NORMCONF_AREA_DIR") or (
+    "/dev/shm" if os.path.isdir("/dev/shm") else None
+)
 
 
 class ArrayArea:
@@ -265,10 +268,12 @@ class Worker:
         except WorkerFailure as failure:
             self.start_failure = str(failure)
             raise
-        # Both processes have the area files open now, so their names can go:
-        # nothing is left behind, whatever happens to either process.
-        for path in paths:
-            os.unlink(path)
+        finally:
+            # The worker opens the area files before it loads the adapter, so
+            # once it has answered or died their names can go: nothing is left
+            # behind, whatever happens to either process later.
+            for path in paths:
+                os.unlink(path)
         if reply[0] != "ready":
             self.stop()
             self.start_failure = (

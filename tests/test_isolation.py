@@ -93,6 +93,21 @@ def test_broken_item_error_run_continues(tmp_path, adapter, options, cause):
     assert {r["verdict"] for r in others} == {"pass"}
 
 
+@pytest.mark.parametrize("adapter", ["LoadCrash", "Segfault", "InfiniteLoop"])
+def test_worker_leaves_no_area_files(tmp_path, adapter):
+    areas = tmp_path / "areas"
+    areas.mkdir()
+    completed = run_suite(
+        f"--adapter=tests.broken_adapters:{adapter}",
+        "--dtypes=float32",
+        "--cases=random-1d,random-2d",
+        "--item-timeout=2",
+        env={"NORMCONF_AREA_DIR": str(areas)},
+    )
+    assert completed.returncode == 1, completed.stdout[-2000:]
+    assert list(areas.iterdir()) == []
+
+
 def test_memory_message_names_the_limit(tmp_path):
     results, _ = run_broken(tmp_path, "MemoryLeak", "--worker-memory=400")
     message = next(r["message"] for r in results if r["verdict"] == "error")
