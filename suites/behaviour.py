@@ -137,28 +137,33 @@ def tables(document: dict, device: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m suites.behaviour", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("report", type=Path, help="a normconf JSON report")
     parser.add_argument("--device", default="cpu", help="device to tabulate")
     args = parser.parse_args(argv)
     try:
         document = json.loads(args.report.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        print(f"cannot read {args.report}: {error}", file=sys.stderr)
-        return 2
-    if document.get("schema") != "normconf-report":
-        print(f"{args.report} is not a normconf report", file=sys.stderr)
-        return 2
+        return _fail(parser, f"cannot read {args.report}: {error}")
+    if not isinstance(document, dict) or document.get("schema") != "normconf-report":
+        return _fail(parser, f"{args.report} is not a normconf report")
     devices = sorted({record["device"] for record in document["results"]})
     if args.device not in devices:
-        print(
+        return _fail(
+            parser,
             f"{args.report} has no records for device {args.device!r}; "
             f"its devices: {', '.join(devices) or 'none'}",
-            file=sys.stderr,
         )
-        return 2
     print("\n".join(tables(document, args.device)))
     return 0
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> int:
+    """Print `message` in the form of argparse's own errors and return status 2."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

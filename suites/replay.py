@@ -381,11 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_bundle(arguments.bundle)
         adapter = load_adapter(bundle, arguments.adapter, arguments.framework)
         records = replay(bundle, adapter)
+    # The same form as argparse's own errors: "PROG: error: MESSAGE".
     except BundleError as error:
-        print(f"invalid bundle: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: invalid bundle: {error}", file=sys.stderr)
         return EXIT_INVALID
     except ReplayError as error:
-        print(f"cannot replay {arguments.bundle}: {error}", file=sys.stderr)
+        print(
+            f"{parser.prog}: error: cannot replay {arguments.bundle}: {error}",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     for record in records:
         print(f"{record.quantity}: {record.verdict}: {record.message}")

@@ -1534,11 +1534,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
     try:
         status = arguments.run(arguments)
     except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # The same form as argparse's own errors: "PROG COMMAND: error: MESSAGE".
+        print(f"{parser.prog} {arguments.command}: error: {error}", file=sys.stderr)
         return ERROR_STATUS
     return status or 0
 

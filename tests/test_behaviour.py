@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from suites import behaviour
 
 
@@ -79,3 +81,13 @@ def test_missing_device_exits_2(tmp_path, capsys):
     path.write_text(json.dumps(DOCUMENT), encoding="utf-8")
     assert behaviour.main([str(path), "--device", "cuda"]) == 2
     assert "no records for device 'cuda'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["[1]", "{}", "not json"])
+def test_not_a_report_exits_2(tmp_path, capsys, content):
+    path = tmp_path / "report.json"
+    path.write_text(content, encoding="utf-8")
+    assert behaviour.main([str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m suites.behaviour: error: ")
+    assert str(path) in error

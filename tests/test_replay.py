@@ -193,7 +193,7 @@ def test_replay_truncated_inputs(fault_bundle, tmp_path):
     )
     completed = run_replay(str(bundle))
     assert completed.returncode == 2
-    assert "invalid bundle" in completed.stderr
+    assert completed.stderr.startswith("python -m suites.replay: error: invalid bundle")
 
 
 def test_replay_invalid_item_json(fault_bundle, tmp_path):

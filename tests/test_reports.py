@@ -900,7 +900,10 @@ def test_diff_command_line_status(diffdir, old, new, status):
     )
     assert completed.returncode == status, completed.stderr
     if status == 2:
-        assert "error: absent.json: file not found" in completed.stderr
+        assert (
+            "python -m suites.reports diff: error: absent.json: file not found"
+            in completed.stderr
+        )
     else:
         assert completed.stdout.startswith("# normconf report diff\n")
 
