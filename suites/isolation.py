@@ -10,11 +10,11 @@ item.
 
 The worker is `python -m suites.isolation READ_FD WRITE_FD INPUTS OUTPUTS KIND
 NAME`. It talks to the pytest process over two pipes of its own, so that a
-framework writing to stdout cannot corrupt the messages, and the arrays cross
-through two memory-mapped files (INPUTS and OUTPUTS, in /dev/shm where it exists)
-instead of the pipes: a long-reduction item's 8 MB took 15 ms through the pipes.
-Its stderr goes to a file whose last lines are quoted when it dies, and
-faulthandler writes the Python stack of a fatal signal there.
+framework writing to stdout cannot corrupt the messages. The arrays cross through
+two memory-mapped files instead (INPUTS and OUTPUTS, in /dev/shm where it exists),
+because a long-reduction item's 8 MB took 15 ms through the pipes. Its stderr
+goes to a file whose last lines are quoted when it dies, and faulthandler writes
+the Python stack of a fatal signal there.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 
 from adapters import registry
 from adapters.contract import Rejected, Request, Result
+from suites import error_model
 
 # How often the pytest process checks the worker's memory while it waits.
 POLL_INTERVAL_S = 0.05
@@ -45,8 +46,8 @@ POLL_INTERVAL_S = 0.05
 F_SETPIPE_SZ = 1031
 # prctl's option for the signal a process gets when its parent dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
-# The fields of a Result that hold arrays.
-RESULT_ARRAYS = ("output", "grad_input", "grad_gamma", "grad_beta")
+# The fields of a Result that contain arrays: the quantities.
+RESULT_ARRAYS = error_model.QUANTITIES
 # How much of the worker's stderr a failure message quotes.
 STDERR_TAIL_LINES = 12
 STDERR_TAIL_CHARACTERS = 2000
@@ -128,8 +129,8 @@ def describe_exit(returncode: int) -> str:
 
 # Offsets of arrays in an ArrayArea are multiples of this, a cache line.
 AREA_ALIGNMENT = 64
-# Where ArrayArea files live: NORMCONF_AREA_DIR when set, else shared memory where
-# Linux has it, else the temporary folder.
+# The folder of ArrayArea files: NORMCONF_AREA_DIR when set, else shared memory
+# where Linux has it, else the temporary folder.
 AREA_FOLDER = os.environ.get("NORMCONF_AREA_DIR") or (
     "/dev/shm" if os.path.isdir("/dev/shm") else None
 )
@@ -138,8 +139,8 @@ AREA_FOLDER = os.environ.get("NORMCONF_AREA_DIR") or (
 class ArrayArea:
     """A file that both processes map into memory, through which arrays cross
     without being pickled and piped: the writer copies them in and sends only
-    their offsets, shapes and dtypes. Only the writer grows the file; the reader
-    maps as much of it as each message says."""
+    their offsets, shapes and dtypes. Only the writer grows the file, and the
+    reader maps as much of it as each message gives."""
 
     def __init__(self, path: str) -> None:
         self.file = open(path, "r+b")  # noqa: SIM115 - open for the area's life
@@ -147,8 +148,8 @@ class ArrayArea:
         self.size = 0
 
     def _map(self, size: int) -> None:
-        # The old map is not closed: arrays a caller still holds may view it,
-        # and it goes when they do.
+        # The old map is not closed, because arrays a caller still keeps may view
+        # it. It is freed with the last of them.
         self.map = mmap.mmap(self.file.fileno(), size)
         self.size = size
 
@@ -270,7 +271,7 @@ class Worker:
             raise
         finally:
             # The worker opens the area files before it loads the adapter, so
-            # once it has answered or died their names can go: nothing is left
+            # once it has replied or died their names can go. Nothing is left
             # behind, whatever happens to either process later.
             for path in paths:
                 os.unlink(path)
@@ -316,13 +317,10 @@ class Worker:
             self._died("before the item reached it")
         reply = self._wait("running the item")
         kind = reply[0]
-        changed = [
-            name
-            for name, array in arrays.items()
-            if self.inputs.view(layout[name]).tobytes() != array.tobytes()
-        ]
-        if changed:
-            raise WorkerFailure(changed_inputs_text(changed))
+        in_area = {name: self.inputs.view(place) for name, place in layout.items()}
+        changed = changed_inputs_message(in_area, arrays)
+        if changed is not None:
+            raise WorkerFailure(changed)
         if kind == "result":
             self._check_memory_after_item()
             return self._unpack(reply[1], reply[2], reply[3])
@@ -456,22 +454,19 @@ def input_snapshot(request: Request) -> dict[str, np.ndarray]:
 
 
 def changed_inputs_message(
-    request: Request, before: dict[str, np.ndarray]
+    current: dict[str, np.ndarray], before: dict[str, np.ndarray]
 ) -> str | None:
-    """Return the error message for inputs the adapter changed in place since
-    `before` was taken, or None when it changed none."""
+    """Return the error message for the inputs whose `current` arrays differ from
+    the arrays in `before`, by name, or None when none differs."""
     # Byte by byte: a NaN compares equal to itself, and it costs less than
     # comparing values.
     changed = [
         name
-        for name, copy in before.items()
-        if getattr(request, name).tobytes() != copy.tobytes()
+        for name, array in before.items()
+        if current[name].tobytes() != array.tobytes()
     ]
-    return changed_inputs_text(changed) if changed else None
-
-
-def changed_inputs_text(changed: list[str]) -> str:
-    """Return the error message for the inputs `changed` in place."""
+    if not changed:
+        return None
     return (
         f"the adapter changed its input {', '.join(changed)} in place; a kernel "
         "must leave its inputs unchanged"

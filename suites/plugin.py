@@ -30,10 +30,15 @@ CONFORMANCE_TEST = "::test_instance_norm["
 # The ONNX Runtime adapter reads its providers from this variable, which worker
 # processes inherit; --ort-providers sets it.
 ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
-# An item's time limit: generous, because the first item of a worker also pays
-# for the framework's own start (a CUDA context, kernel compilation).
-DEFAULT_ITEM_TIMEOUT_S = 120.0
-DEFAULT_WORKER_MEMORY_MIB = (isolation.physical_memory_mib() or 0) // 2
+# The isolation options by destination name, with their defaults. A rerun command
+# repeats those a run changed. The item time limit is generous, because the first
+# item of a worker also pays for the framework's own start (a CUDA context, kernel
+# compilation). The memory limit is half the machine's memory.
+ISOLATION_DEFAULTS = {
+    "isolation": "process",
+    "item_timeout": 120.0,
+    "worker_memory": (isolation.physical_memory_mib() or 0) // 2,
+}
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--isolation",
         choices=("process", "none"),
-        default="process",
+        default=ISOLATION_DEFAULTS["isolation"],
         help="where adapters compute: 'process' (default) runs each adapter in a "
         "worker process, so that a crash, hang or leak gives one item verdict "
         "error and the run goes on; 'none' runs them in the pytest process",
@@ -197,7 +202,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--item-timeout",
         type=float,
-        default=DEFAULT_ITEM_TIMEOUT_S,
+        default=ISOLATION_DEFAULTS["item_timeout"],
         metavar="SECONDS",
         help="with --isolation=process, the seconds an item may run before its "
         "worker is killed and the item gets verdict error (default: %(default)s)",
@@ -205,7 +210,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--worker-memory",
         type=int,
-        default=DEFAULT_WORKER_MEMORY_MIB,
+        default=ISOLATION_DEFAULTS["worker_memory"],
         metavar="MIB",
         help="with --isolation=process, the resident memory in MiB above which a "
         "worker is killed and its item gets verdict error; 0 for no limit "
@@ -754,8 +759,9 @@ def _failed_write(
     session: pytest.Session, state: State, option: str, error: OSError
 ) -> None:
     """Record that the file --OPTION names could not be written at the end of the
-    run: the terminal summary says so instead of naming it, and the run exits with
-    pytest's usage-error status, as when the path fails the check at the start."""
+    run. The terminal summary reports the error in place of the path, and the run
+    exits with pytest's usage-error status, as when the path fails the check at
+    the start."""
     state.failed_writes[option] = (
         f"cannot write {session.config.getoption(option)}: {error}"
     )

@@ -16,8 +16,7 @@ import pytest
 from suites import deviations
 from suites.cases import materialize
 from suites.plugin import (
-    DEFAULT_ITEM_TIMEOUT_S,
-    DEFAULT_WORKER_MEMORY_MIB,
+    ISOLATION_DEFAULTS,
     ORT_PROVIDERS_VARIABLE,
     Target,
     record_verdicts,
@@ -30,13 +29,6 @@ from suites.verdicts import (
     unsupported_reason,
     unsupported_records,
 )
-
-# The isolation options and their defaults: a rerun repeats those the run changed.
-ISOLATION_DEFAULTS = {
-    "isolation": "process",
-    "item_timeout": DEFAULT_ITEM_TIMEOUT_S,
-    "worker_memory": DEFAULT_WORKER_MEMORY_MIB,
-}
 
 
 def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
@@ -62,7 +54,7 @@ def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
     if providers and target.adapter.framework.startswith("onnxruntime"):
         options.append(f"--ort-providers={providers}")
     # A node id is relative to the rootdir, so it names the test file only when
-    # the run started there; elsewhere the file's absolute path does.
+    # the run started there. Elsewhere the command uses the file's absolute path.
     node = request.node.nodeid
     if Path.cwd() != config.rootpath:
         node = f"{request.node.path}::{request.node.name}"

@@ -490,7 +490,8 @@ def _run(
         return [item.record(q, "error", False, message) for q in quantities]
 
     if before is not None:
-        changed = isolation.changed_inputs_message(request, before)
+        current = {name: getattr(request, name) for name in before}
+        changed = isolation.changed_inputs_message(current, before)
         if changed is not None:
             # Later items must not see the changed arrays: drop the caches.
             materialize.cache_clear()
