@@ -11,9 +11,9 @@ repeated, it runs every CPU item the adapter supports two ways:
   call (in a worker process unless --isolation none), the reference, the error
   model and the report record;
 - as a bare loop: the run() of a newly loaded adapter on requests built
-  beforehand, which is the framework's own work (inputs converted to its tensors,
-  forward and backward, results converted back, and set-up such as ONNX Runtime
-  sessions) and nothing else.
+  beforehand. That is the framework's own work and nothing else: inputs converted
+  to its tensors, forward and backward, results converted back, and set-up such as
+  ONNX Runtime sessions.
 
 It prints, per framework, the items that ran, items per second both ways and the
 ratio of normconf's time to the bare loop's. The ratio compares the item loops

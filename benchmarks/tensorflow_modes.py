@@ -6,10 +6,10 @@ normconf's TensorFlow adapter runs eagerly. A tf.function traces a graph for eac
 new input signature, and a normconf run meets each (shape, dtype) of the catalogue
 about once per implementation, so it would pay for tracing on almost every item.
 This script times the forward and backward pass of tf.nn.moments with
-tf.nn.batch_normalization, in float32, on every channels-first catalogue case with
-affine parameters and more than one element per slice: three rounds eagerly, then
-three rounds through one tf.function, whose first round traces. It prints seconds
-per round; it asserts nothing.
+tf.nn.batch_normalization in float32. The cases are every channels-first catalogue
+case with affine parameters and more than one element per slice. It runs three
+rounds eagerly, then three rounds through one tf.function, whose first round
+traces. It prints seconds per round and asserts nothing.
 """
 
 from __future__ import annotations

@@ -144,7 +144,8 @@ class Deviation:
 @functools.lru_cache(maxsize=64)
 def _parse_version(version: str) -> Version | None:
     """Return `version` without a local suffix such as torch's '+cpu', parsed,
-    or None where it is not a PEP 440 version. Cached: every record asks."""
+    or None where it is not a PEP 440 version. Cached, because every record is
+    matched against its framework's version."""
     try:
         return Version(version.split("+")[0])
     except InvalidVersion:

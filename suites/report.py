@@ -146,7 +146,7 @@ def build(
 
 
 def _json_fallback(value: object) -> object:
-    """Return a JSON form of a value an adapter gave where the contract asks for a
+    """Return a JSON form of a value an adapter gave where the contract requires a
     plain one: a NumPy scalar's Python value, a dtype's name, or else its repr, so
     that an odd value costs a readable field instead of the whole report."""
     if isinstance(value, np.generic):

@@ -78,8 +78,8 @@ class Abort(BreaksOnOneCase):
 
 
 class InfiniteLoop(BreaksOnOneCase):
-    """Never returns. Creates the file NORMCONF_TEST_HANG_MARKER names, when set,
-    as it starts to hang, so that a test knows when."""
+    """Never returns. When NORMCONF_TEST_HANG_MARKER is set, creates the file it
+    names as it starts to hang, so that a test can wait for that moment."""
 
     framework = "broken-hang"
 

@@ -214,6 +214,7 @@ def expected_cell(entries: list[dict]) -> dict:
         if record["verdict"] in ("pass", "fail")
     ]
     ratios = [ratio for ratio in ratios if ratio is not None]
+
     if not ratios:
         verdict = next(name for name in reports.HTML_MARKS if name in verdicts)
         return {
@@ -221,6 +222,7 @@ def expected_cell(entries: list[dict]) -> dict:
             "classes": ["mark", f"mark-{verdict}"],
             "colour": None,
         }
+
     worst = max(ratios)
     label = "inf" if worst == float("inf") else f"{worst:.2g}"
     flags = "".join(
@@ -473,7 +475,7 @@ def test_screenshot_cell_colours(page, records, tmp_path):
 
 def test_detail_tolerates_missing_summaries(browser, report_files, tmp_path):
     # A record edited by hand, or written by an older normconf, may lack parts of
-    # its inputs summary; the detail shows "none" for them instead of failing.
+    # its inputs summary. The detail then shows "none" for them instead of failing.
     document = json.loads(report_files["merged"].read_text(encoding="utf-8"))
     record = next(r for r in document["results"] if r["case"] == "large-mean-1e4")
     record["worst_slice"] = {"channel": 0, "x": None}

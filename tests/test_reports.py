@@ -591,8 +591,8 @@ def test_markdown_missing_framework(workdir, capsys):
 
 
 def test_markdown_hides_missing_framework_that_ran_elsewhere(workdir, capsys):
-    # Each tox environment lists the frameworks it lacks; the one that ran
-    # numpy-float32 says so, so the other's "not installed" row is noise.
+    # Each tox environment lists the frameworks it lacks. The report that ran
+    # numpy-float32 gives its version, so the other's "not installed" row is noise.
     document = read(workdir / "fault.json")
     document["environment"]["frameworks"]["numpy-float32"] = {"missing": "absent"}
     write(workdir / "fault-env.json", document)
