@@ -21,6 +21,11 @@ from suites import dtypes
 class Generator:
     """Makes one float64 input array from a seeded random stream."""
 
+    # True when drawing consecutive pieces of the array from one stream gives the
+    # same values as drawing it whole, so that a large input can be generated a
+    # group of samples at a time (tests/test_cases.py checks it).
+    in_pieces = False
+
     def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         raise NotImplementedError
 
@@ -29,10 +34,35 @@ class Generator:
         raise NotImplementedError
 
 
+# The most elements of one input that the suite handles as one float64 array. A
+# larger case is generated, summarized and judged a group of samples at a time
+# (see sample_chunks), so that its float64 work holds about this many elements
+# per array: 2^20, 8 MiB in float64. Every case but the 2^26-element one is
+# below it, and goes through the whole-array path unchanged.
+CHUNK_ELEMENTS = 2**20
+
+
+def sample_chunks(shape: tuple[int, ...], limit: int | None = None):
+    """Yield (start, stop) ranges of samples (axis 0) that cover an array of this
+    shape, each of at most `limit` elements (default CHUNK_ELEMENTS), or of one
+    sample where a sample alone is larger. An array within the limit, an empty one
+    included, is the one range (0, N)."""
+    limit = CHUNK_ELEMENTS if limit is None else limit
+    samples = shape[0]
+    per_sample = int(np.prod(shape[1:], dtype=np.int64))
+    if samples * per_sample <= limit:
+        yield 0, samples
+        return
+    step = max(1, limit // per_sample)
+    for start in range(0, samples, step):
+        yield start, min(start + step, samples)
+
+
 @dataclass(frozen=True)
 class Normal(Generator):
     loc: float = 0.0
     scale: float = 1.0
+    in_pieces = True
 
     def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         return rng.normal(self.loc, self.scale, size=shape)
@@ -47,6 +77,7 @@ class Normal(Generator):
 class Uniform(Generator):
     low: float
     high: float
+    in_pieces = True
 
     def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         return rng.uniform(self.low, self.high, size=shape)
@@ -58,6 +89,7 @@ class Uniform(Generator):
 @dataclass(frozen=True)
 class Constant(Generator):
     value: float
+    in_pieces = True
 
     def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         return np.full(shape, self.value, dtype=np.float64)
@@ -133,6 +165,9 @@ class Case:
     rejection_allowed: bool = False
     rejection_reason: str = ""
     layout: str = "channels_first"
+    # The dtypes the case is posed in, and why not in the others.
+    posed_in: tuple[str, ...] = dtypes.DTYPES
+    posed_reason: str = ""
 
     @property
     def channels(self) -> int:
@@ -152,8 +187,24 @@ class Case:
         """Return True if every generated value is finite in `dtype`."""
         return self.largest_input() < dtypes.MAX_FINITE[dtype]
 
+    @property
+    def elements(self) -> int:
+        """The number of elements of x."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def large(self) -> bool:
+        """True when x has more than CHUNK_ELEMENTS elements, so that the suite
+        works on it a group of samples at a time."""
+        return self.elements > CHUNK_ELEMENTS
+
     def unfit_reason(self, dtype: str) -> str | None:
         """Return why the case cannot be posed in `dtype`, or None if it can."""
+        if dtype not in self.posed_in:
+            return (
+                f"case {self.name} is posed in {', '.join(self.posed_in)} only: "
+                f"{self.posed_reason}"
+            )
         if self.fits(dtype):
             return None
         return (
@@ -190,14 +241,52 @@ def generate_float64(case: Case, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_float64(case: Case, seed: int) -> dict[str, np.ndarray]:
+    """generate_float64 for a case within CHUNK_ELEMENTS, kept while the items
+    of its dtypes run one after another (suites.plugin orders them so)."""
+    raw = generate_float64(case, seed)
+    for array in raw.values():
+        array.flags.writeable = False
+    return raw
+
+
+def _generate_rounded(
+    generator: Generator, rng: np.random.Generator, shape: tuple, dtype: str
+) -> np.ndarray:
+    """Draw one x-shaped input and round it to `dtype`, a group of samples at a
+    time when it can be drawn in pieces, so that its float64 values never exist
+    whole. The values equal those of one whole draw."""
+    if not generator.in_pieces:
+        return dtypes.round_to(generator.generate(rng, shape), dtype)
+    rounded = np.empty(shape, dtype=dtypes.CONTAINER[dtype])
+    for start, stop in sample_chunks(shape):
+        piece = generator.generate(rng, (stop - start, *shape[1:]))
+        rounded[start:stop] = dtypes.round_to(piece, dtype)
+    return rounded
+
+
 @functools.lru_cache(maxsize=8)
 def materialize(case: Case, dtype: str, seed: int) -> Inputs:
     """Return the case's inputs rounded to `dtype` (gamma = beta = None for affine off).
 
     The arrays are shared between callers through the cache: treat them as read-only.
     """
-    raw = generate_float64(case, seed)
-    rounded = {name: dtypes.round_to(values, dtype) for name, values in raw.items()}
+    if case.large:
+        channels = (case.channels,)
+        rounded = {
+            name: _generate_rounded(
+                getattr(case, name), _stream(seed, case.name, name), case.shape, dtype
+            )
+            for name in ("x", "grad_output")
+        }
+        for name in ("gamma", "beta"):
+            generator = getattr(case, name)
+            values = generator.generate(_stream(seed, case.name, name), channels)
+            rounded[name] = dtypes.round_to(values, dtype)
+    else:
+        raw = _cached_float64(case, seed)
+        rounded = {name: dtypes.round_to(values, dtype) for name, values in raw.items()}
     for array in rounded.values():
         array.flags.writeable = False
     return Inputs(
@@ -356,6 +445,17 @@ CATALOGUE: tuple[Case, ...] = (
         (1, 2, 512, 512),
         x=Normal(1.0, 1.0),
         grad_output=Normal(1.0, 1.0),
+    ),
+    Case(
+        "long-reduction-2e26",
+        "conditioning",
+        "2^26 elements in all, 64 samples of 4 slices of M = 512 * 512, offset 1: "
+        "the suite judges it a sample at a time, within bounded memory",
+        (64, 4, 512, 512),
+        x=Normal(1.0, 1.0),
+        posed_in=("float32",),
+        posed_reason="each item takes seconds and 1 GiB of inputs and results, so "
+        "one dtype keeps the matrix's time and memory bounded",
     ),
     Case("eps0", "eps", "eps = 0 on well-conditioned normal x", (2, 3, 6, 6), eps=0.0),
     Case("eps1e-3", "eps", "eps = 1e-3", (2, 3, 6, 6), eps=1e-3),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from suites import files
-from suites.cases import Case, Inputs, materialize
+from suites import cases, files
+from suites.cases import Case, Inputs, materialize, sample_chunks
 from suites.verdicts import VERDICTS, json_number
 
 SCHEMA = "normconf-report"
@@ -30,7 +30,14 @@ def _clean(record: dict) -> dict:
 
 def array_summary(values: np.ndarray) -> dict:
     """Return the count, the number of NaN and infinite elements, and the minimum,
-    maximum, mean and standard deviation of the finite ones, in float64."""
+    maximum, mean and standard deviation of the finite ones, in float64.
+
+    An array larger than CHUNK_ELEMENTS is read a group of samples at a time
+    (_large_array_summary), so that its float64 copy never exists whole.
+    """
+    values = np.asarray(values)
+    if values.size > cases.CHUNK_ELEMENTS and values.ndim > 1:
+        return _large_array_summary(values)
     flat = np.asarray(values, dtype=np.float64).ravel()
     finite = flat[np.isfinite(flat)]
     stats = {"count": int(flat.size), "nan": int(np.isnan(flat).sum())}
@@ -48,6 +55,47 @@ def array_summary(values: np.ndarray) -> dict:
         }
     else:
         moments = dict.fromkeys(("min", "max", "mean", "std"))
+    stats.update({name: json_number(value) for name, value in moments.items()})
+    return stats
+
+
+def _large_array_summary(values: np.ndarray) -> dict:
+    """array_summary in three passes over groups of samples: counts and extremes,
+    then the mean, then the standard deviation about it. The sums are added piece
+    by piece, so the last digits may differ from one pass over the whole array."""
+    pieces = [values[start:stop] for start, stop in sample_chunks(values.shape)]
+    count = nan = finite_count = 0
+    low, high, largest = np.inf, -np.inf, 0.0
+    for piece in pieces:
+        flat = np.asarray(piece, dtype=np.float64).ravel()
+        finite = flat[np.isfinite(flat)]
+        count += flat.size
+        nan += int(np.isnan(flat).sum())
+        finite_count += finite.size
+        if finite.size:
+            low, high = min(low, finite.min()), max(high, finite.max())
+            largest = max(largest, float(np.abs(finite).max()))
+    stats = {"count": count, "nan": nan, "inf": count - finite_count - nan}
+    if not finite_count:
+        stats.update(dict.fromkeys(("min", "max", "mean", "std")))
+        return stats
+    scale = largest or 1.0
+    total = 0.0
+    for piece in pieces:
+        flat = np.asarray(piece, dtype=np.float64).ravel()
+        total += float(np.sum(flat[np.isfinite(flat)] / scale))
+    mean = total / finite_count
+    squares = 0.0
+    for piece in pieces:
+        flat = np.asarray(piece, dtype=np.float64).ravel()
+        deviations = flat[np.isfinite(flat)] / scale - mean
+        squares += float(np.dot(deviations, deviations))
+    moments = {
+        "min": float(low),
+        "max": float(high),
+        "mean": mean * scale,
+        "std": (squares / finite_count) ** 0.5 * scale,
+    }
     stats.update({name: json_number(value) for name, value in moments.items()})
     return stats
 

@@ -12,6 +12,7 @@ Verdicts:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import traceback
@@ -22,7 +23,7 @@ import numpy as np
 from adapters.contract import Device, Implementation, Rejected, Request, Result
 from references import instance_norm as reference
 from suites import dtypes, error_model, isolation
-from suites.cases import Case, Inputs, materialize
+from suites.cases import CHUNK_ELEMENTS, Case, Inputs, materialize, sample_chunks
 
 VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
 OP = "instance_norm"
@@ -72,7 +73,13 @@ def catalogue_reference(
     received.
 
     Cached so that every implementation and device tested in this dtype shares it.
+    A case larger than CHUNK_ELEMENTS has no whole reference: see reference_pieces.
     """
+    if case.large:
+        raise ValueError(
+            f"case {case.name} has {case.elements} elements, more than the "
+            f"{CHUNK_ELEMENTS} of a whole reference: use reference_pieces"
+        )
     inputs = materialize(case, dtype, seed)
     return reference_from_inputs(inputs, case.eps if eps is None else eps)
 
@@ -212,7 +219,7 @@ def judge_result(
     The reference is computed from `inputs` when given (a replay bundle's arrays,
     in (N, C, *spatial) order), otherwise from the catalogue case and seed.
     """
-    case, dtype, seed = item.case, item.dtype, item.seed
+    case, dtype = item.case, item.dtype
     quantities = quantities_for(case, gradients)
     if not isinstance(result, Result):
         kind = (
@@ -229,12 +236,6 @@ def judge_result(
     if problem is not None:
         return [item.record(q, "error", False, problem) for q in quantities]
     units = dtypes.judging_dtype(dtype, result.compute_dtype)
-    if inputs is None:
-        expected, scale = catalogue_reference(case, dtype, seed, eps)
-    else:
-        expected, scale = reference_from_inputs(
-            inputs, case.eps if eps is None else eps
-        )
     result_dtype = result.dtype or _array_dtype(result.output, dtype)
     if result_dtype is not None and not isinstance(result_dtype, str):
         # A NumPy dtype, or a framework's dtype object, in place of its name.
@@ -243,7 +244,68 @@ def judge_result(
             message = f"Result.dtype is {result_dtype!r}, not a dtype name"
             return [item.record(q, "error", False, message) for q in quantities]
         result_dtype = name
-    if _no_numbers(result, expected, quantities):
+    x_shape = case.shape if inputs is None else inputs.x.shape
+    layout = case.layout
+    problems: dict[str, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for quantity in quantities:
+        x_shaped = quantity in ("output", "grad_input")
+        shape = layout_shape(x_shape, layout) if x_shaped else (x_shape[1],)
+        got = getattr(result, quantity)
+        problem = _check_array(quantity, got, shape)
+        if problem is None and result_dtype is not None and result_dtype != dtype:
+            problem = f"the framework returned {result_dtype} for a {dtype} input"
+        if problem is not None:
+            problems[quantity] = problem
+        else:
+            arrays[quantity] = from_layout(got, layout) if x_shaped else got
+    # A result whose every array is NaN throughout is no result at all, if the
+    # exact values are finite; the pieces below tell whether they are.
+    all_nan = len(arrays) == len(quantities) and all(
+        array.size and np.all(np.isnan(array)) for array in arrays.values()
+    )
+
+    comparisons: dict[str, error_model.Comparison] = {}
+    parameter_sums: dict[str, list[np.ndarray]] = {}
+    exact_finite = True
+    for start, stop, expected, scale in reference_pieces(item, eps, inputs):
+        for quantity in quantities:
+            exact = getattr(expected, quantity)
+            if all_nan:
+                exact_finite = exact_finite and bool(np.all(np.isfinite(exact)))
+            if quantity not in arrays:
+                continue
+            if quantity in ("grad_gamma", "grad_beta"):
+                # Sums over the batch: one piece's share, added up below.
+                if quantity in parameter_sums:
+                    sums = parameter_sums[quantity]
+                    sums[0] = sums[0] + exact
+                    sums[1] = sums[1] + scale[quantity]
+                else:
+                    parameter_sums[quantity] = [exact, scale[quantity]]
+                continue
+            comparison = error_model.compare(
+                quantity,
+                arrays[quantity][start:stop],
+                exact,
+                scale[quantity],
+                dtype,
+                x_shape,
+                units,
+            )
+            if comparison.index is not None and start:
+                index = (comparison.index[0] + start, *comparison.index[1:])
+                comparison = dataclasses.replace(comparison, index=index)
+            best = comparisons.get(quantity)
+            # The first worst element, as one comparison of the whole array finds.
+            if best is None or comparison.error > best.error:
+                comparisons[quantity] = comparison
+    for quantity, (exact, scale_sum) in parameter_sums.items():
+        comparisons[quantity] = error_model.compare(
+            quantity, arrays[quantity], exact, scale_sum, dtype, x_shape, units
+        )
+
+    if all_nan and exact_finite:
         message = (
             "every element of every returned quantity is NaN where every exact value "
             "is finite: the backend returned no numbers"
@@ -252,36 +314,57 @@ def judge_result(
             item.record(q, "error", False, message, result_dtype=result_dtype)
             for q in quantities
         ]
-
-    layout = case.layout
     records = []
     for quantity in quantities:
-        exact = getattr(expected, quantity)
-        got = getattr(result, quantity)
-        x_shaped = quantity in ("output", "grad_input")
-        shape = to_layout(exact, layout).shape if x_shaped else exact.shape
-        problem = _check_array(quantity, got, shape)
-        if problem is None and result_dtype is not None and result_dtype != dtype:
-            problem = f"the framework returned {result_dtype} for a {dtype} input"
-        if problem is not None:
+        if quantity in problems:
             records.append(
                 item.record(
-                    quantity, "error", False, problem, result_dtype=result_dtype
+                    quantity,
+                    "error",
+                    False,
+                    problems[quantity],
+                    result_dtype=result_dtype,
                 )
             )
             continue
-        if x_shaped:
-            got = from_layout(got, layout)
-
-        comparison = error_model.compare(
-            quantity, got, exact, scale[quantity], dtype, case.shape, units
-        )
         record = _record_comparison(
-            item, quantity, comparison, result_dtype, eps, units
+            item, quantity, comparisons[quantity], result_dtype, eps, units
         )
         record.compute_dtype = result.compute_dtype
         records.append(record)
     return records
+
+
+def reference_pieces(item: Item, eps: float | None, inputs: Inputs | None = None):
+    """Yield (start, stop, expected, scale): the float64 reference and error scales
+    for samples start to stop of the item's inputs (`inputs`, or the catalogue's).
+
+    Inputs within CHUNK_ELEMENTS are one piece, the whole batch, and the
+    catalogue's come from the shared cache. A larger input comes a group of
+    samples at a time (suites.cases.sample_chunks), computed afresh for each item:
+    its whole float64 reference would hold gigabytes. Every (n, c) slice lies in
+    one piece, so each output and grad_input element is the one the whole
+    computation gives; the pieces' grad_gamma and grad_beta are partial sums over
+    their samples.
+    """
+    case = item.case
+    use_eps = case.eps if eps is None else eps
+    if inputs is None and not case.large:
+        expected, scale = catalogue_reference(case, item.dtype, item.seed, eps)
+        yield 0, case.shape[0], expected, scale
+        return
+    if inputs is None:
+        inputs = materialize(case, item.dtype, item.seed)
+    for start, stop in sample_chunks(inputs.x.shape):
+        if (start, stop) == (0, inputs.x.shape[0]):
+            piece = inputs
+        else:
+            piece = dataclasses.replace(
+                inputs,
+                x=inputs.x[start:stop],
+                grad_output=inputs.grad_output[start:stop],
+            )
+        yield start, stop, *reference_from_inputs(piece, use_eps)
 
 
 def _array_dtype(array: object, dtype: str) -> str | None:
@@ -292,22 +375,6 @@ def _array_dtype(array: object, dtype: str) -> str | None:
     if dtype == "bfloat16" and array.dtype == np.float32:
         return None
     return array.dtype.name
-
-
-def _no_numbers(result: Result, expected: object, quantities: tuple[str, ...]) -> bool:
-    """Return True if every returned array is NaN in every element while every
-    exact value is finite: a backend that computed nothing, not a numerical fault.
-    A quantity with a missing or malformed array leaves it to the array checks."""
-    for quantity in quantities:
-        got = getattr(result, quantity)
-        exact = getattr(expected, quantity)
-        if not isinstance(got, np.ndarray) or got.dtype.kind != "f" or got.size == 0:
-            return False
-        if got.size != exact.size or not np.all(np.isnan(got)):
-            return False
-        if not np.all(np.isfinite(exact)):
-            return False
-    return True
 
 
 def _record_comparison(
@@ -352,6 +419,13 @@ def _record_comparison(
         result_dtype=result_dtype,
         eps=eps,
     )
+
+
+def layout_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """Return the shape an x-shaped array of `shape` has in `layout`."""
+    if layout == "channels_first":
+        return tuple(shape)
+    return (shape[0], *shape[2:], shape[1])
 
 
 def to_layout(array: np.ndarray, layout: str) -> np.ndarray:

@@ -446,6 +446,12 @@ FAULTS = (
 )
 
 
+# The catalogue without the 2^26-element case, which takes tens of seconds per
+# kernel: the matrices of kernels and seeds run on these, and tests/test_faults.py
+# runs that case on its own.
+SMALL_CASES = tuple(case for case in cases.CATALOGUE if not case.large)
+
+
 def run_case(adapter: Float32Kernel, case_name: str, seed: int) -> dict[str, Record]:
     """Judge one catalogue case computed by a kernel in its own dtype, as the suite
     does, and return the records by quantity. A case the dtype cannot hold gets

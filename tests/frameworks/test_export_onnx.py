@@ -21,7 +21,7 @@ from onnx import numpy_helper  # noqa: E402
 from suites import cases, dtypes, export, export_onnx  # noqa: E402
 from tests.test_export import judge_by_recipe, load_arrays, npz_entry  # noqa: E402
 
-# Every channels-first case but the two long reductions, whose 2^18-element slices
+# Every channels-first case but the long reductions, whose 2^18-element slices
 # only make the files larger, and one channels-last case, which must be skipped.
 CASE_NAMES = [
     case.name
