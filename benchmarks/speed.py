@@ -64,6 +64,9 @@ class Figures:
     loop_s: float
     # The whole pytest run.
     session_s: float
+    # Milliseconds per item of each part of normconf's item time (PARTS), from
+    # one more run with those parts timed.
+    parts_ms: dict[str, float]
 
     @property
     def bare_rate(self) -> float:
@@ -82,19 +85,123 @@ class Figures:
         return self.session_s / self.whole_bare_s
 
 
-class ItemClock:
-    """A pytest plugin that times the item loop after its first item: from the
-    first item's end to the last item's end."""
+class Stopwatch:
+    """Accumulates the time spent inside chosen functions while installed.
+
+    `wrap(owner, name, part)` replaces owner.name with a timed copy; `remove()`
+    puts every original back. Nested parts (the reference inside the judging)
+    are subtracted from the part that encloses them, so the parts add up.
+    """
 
     def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._patched: list[tuple[object, str, object]] = []
+        self._stack: list[float] = []
+
+    def wrap(self, owner: object, name: str, part: str) -> None:
+        original = getattr(owner, name)
+        stack = self._stack
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                inner = stack.pop()
+                seconds[part] = seconds.get(part, 0.0) + spent - inner
+                if stack:
+                    stack[-1] += spent
+
+        for attribute in ("cache_clear", "cache_info"):
+            if hasattr(original, attribute):
+                setattr(timed, attribute, getattr(original, attribute))
+        self._patched.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def remove(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+
+# The parts of an item's time, in the order the table prints them. `adapter` is
+# the call to the adapter's run(), with the crossing to its worker.
+PARTS = ("adapter", "inputs", "reference", "judging", "records", "pytest")
+
+
+class ItemClock:
+    """A pytest plugin that times the item loop after its first item: from the
+    first item's end to the last item's end. With a stopwatch, it also keeps the
+    stopwatch's parts and the items' own time as they were when the first item
+    ended, so that the breakdown can leave the first item out as the ratio does."""
+
+    def __init__(self, stopwatch: Stopwatch | None = None) -> None:
         self.first_end: float | None = None
         self.last_end: float | None = None
+        self.stopwatch = stopwatch
+        self.first_parts: dict[str, float] = {}
+        # The items' own time, logstart to logfinish, over all and the first.
+        self.item_seconds = 0.0
+        self.first_item_seconds = 0.0
+        self.items = 0
+        self._start = 0.0
+
+    def pytest_runtest_logstart(self, nodeid, location) -> None:
+        self._start = time.perf_counter()
+        self.items += 1
 
     def pytest_runtest_logfinish(self, nodeid, location) -> None:
         now = time.perf_counter()
+        self.item_seconds += now - self._start
         if self.first_end is None:
             self.first_end = now
+            self.first_item_seconds = self.item_seconds
+            if self.stopwatch is not None:
+                self.first_parts = dict(self.stopwatch.seconds)
         self.last_end = now
+
+
+def install_stopwatch(stopwatch: Stopwatch) -> None:
+    """Time normconf's parts of each item: the suite's functions are looked up
+    through their modules at call time, so wrapping the module attributes
+    reaches every call."""
+    from suites import test_instance_norm
+
+    stopwatch.wrap(verdicts, "materialize", "inputs")
+    stopwatch.wrap(verdicts, "catalogue_reference", "reference")
+    # The pieces of a case larger than CHUNK_ELEMENTS, computed for each item.
+    stopwatch.wrap(verdicts, "reference_from_inputs", "reference")
+    stopwatch.wrap(verdicts, "judge_result", "judging")
+    stopwatch.wrap(verdicts.isolation, "input_snapshot", "judging")
+    stopwatch.wrap(test_instance_norm, "record_verdicts", "records")
+    stopwatch.wrap(test_instance_norm, "rerun_command", "records")
+    stopwatch.wrap(verdicts, "build_request", "adapter")
+    stopwatch.wrap(verdicts, "_run", "adapter")
+
+
+def breakdown(framework: str, arguments: argparse.Namespace) -> dict[str, float]:
+    """Run the suite once more with normconf's parts timed; return each part's
+    seconds per item over the items after the first, as the ratio counts them.
+    `pytest` is the rest of the items' time: pytest's protocol (setup, call and
+    teardown with their reports and hooks), the fixtures and the test function's
+    own lines."""
+    stopwatch = Stopwatch()
+    install_stopwatch(stopwatch)
+    try:
+        clock = through_normconf(framework, arguments, stopwatch=stopwatch)
+    finally:
+        stopwatch.remove()
+    items = clock.items - 1
+    parts = {
+        part: stopwatch.seconds.get(part, 0.0) - clock.first_parts.get(part, 0.0)
+        for part in PARTS[:-1]
+    }
+    rest = clock.item_seconds - clock.first_item_seconds
+    parts["pytest"] = rest - sum(parts.values())
+    return {part: parts[part] / items for part in PARTS}
 
 
 def cpu_items(adapter: object, selected_cases, selected_dtypes) -> list[tuple]:
@@ -141,16 +248,21 @@ def clear_caches() -> None:
     """Forget the inputs and references, so that each normconf run computes them
     as a fresh run does."""
     cases.materialize.cache_clear()
+    cases._cached_float64.cache_clear()
     verdicts.catalogue_reference.cache_clear()
     report.cached_inputs_summary.cache_clear()
     report.cached_worst_slice.cache_clear()
 
 
-def through_normconf(framework: str, arguments: argparse.Namespace) -> tuple:
+def through_normconf(
+    framework: str,
+    arguments: argparse.Namespace,
+    stopwatch: Stopwatch | None = None,
+):
     """Run the suite for the framework in this process; return the seconds of the
-    item loop and of the whole pytest run."""
+    item loop and of the whole pytest run, or with a stopwatch, the ItemClock."""
     clear_caches()
-    clock = ItemClock()
+    clock = ItemClock(stopwatch)
     with tempfile.TemporaryDirectory() as folder:
         options = [
             str(ROOT / "suites"),
@@ -170,6 +282,8 @@ def through_normconf(framework: str, arguments: argparse.Namespace) -> tuple:
         session = time.perf_counter() - start
     if status not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise SystemExit(f"the {framework} run stopped with exit status {status}")
+    if stopwatch is not None:
+        return clock
     return clock.last_end - clock.first_end, session
 
 
@@ -205,6 +319,7 @@ def measure(framework: str, arguments: argparse.Namespace) -> Figures | None:
         whole_bare.append(all_bare)
         loops.append(loop)
         sessions.append(session)
+    parts = breakdown(framework, arguments)
     return Figures(
         framework=framework,
         version=adapter.version(),
@@ -213,6 +328,7 @@ def measure(framework: str, arguments: argparse.Namespace) -> Figures | None:
         whole_bare_s=statistics.median(whole_bare),
         loop_s=statistics.median(loops),
         session_s=statistics.median(sessions),
+        parts_ms={part: seconds * 1000 for part, seconds in parts.items()},
     )
 
 
@@ -239,6 +355,28 @@ def print_table(figures: list[Figures]) -> None:
         "ratio: normconf's item loop / the bare loop, both without their first item "
         f"(target {TARGET_RATIO}); with startup: the whole pytest run / the whole "
         "bare loop"
+    )
+    print()
+    print(
+        "where an item's time goes, in ms per item after the first (one more run, "
+        "parts timed):"
+    )
+    header = f"{'framework':<22}{'bare':>8}" + "".join(f"{p:>11}" for p in PARTS)
+    print(header)
+    print("-" * len(header))
+    for entry in figures:
+        bare_ms = entry.bare_s / (entry.items - 1) * 1000
+        print(
+            f"{entry.framework + ' ' + entry.version:<22}{bare_ms:>8.3f}"
+            + "".join(f"{entry.parts_ms[part]:>11.3f}" for part in PARTS)
+        )
+    print(
+        "bare: the bare loop's time per item; adapter: run() through normconf, "
+        "with the crossing to the worker under --isolation process; inputs, "
+        "reference: computing them (cached per case and dtype, but for the pieces "
+        "of the 2^26-element case); judging: "
+        "the error model; records: report rows, input summaries and rerun "
+        "commands; pytest: the rest of the item"
     )
     print(f"peak resident memory: this process {peak_mib():.0f} MiB")
     workers = max(isolation.WORKER_PEAKS_MIB, default=None)
@@ -272,6 +410,8 @@ def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
         except ValueError as error:
             parser.error(f"--dtypes: {error}")
     if arguments.cases is not None:
+        if not names(arguments.cases):
+            parser.error("--cases: the list is empty")
         for name in names(arguments.cases):
             try:
                 cases.by_name(name)

@@ -729,6 +729,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     for adapter in state.adapters:
         if isinstance(adapter, isolation.IsolatedAdapter):
             adapter.close()
+    # Undo pytest_collection_finish's freeze, for a process that runs pytest
+    # again (benchmarks/speed.py does).
+    gc.unfreeze()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
