@@ -13,8 +13,10 @@ s = (|x| + mean(|x|)) * rstd the scale of xhat and g = gamma * dy:
     output      |gamma| * s + |beta|
     grad_input  rstd / M * (M * |g| + sum|g| + |xhat| * sum(|g| * s)
                               + s * sum(|g| * |xhat|))         (sums per slice)
-    grad_gamma  sum of |dy| * s over the batch and spatial axes
-    grad_beta   sum of |dy| over the batch and spatial axes
+    grad_gamma  P + sqrt(sum((dy * s)^2)), with P the sum over the channel's
+                slices of |sum(dy)| * mean(|x|) * rstd + |sum(dy * xhat)|
+    grad_beta   |sum(dy)| + sqrt(sum(dy^2))
+                (outer sums over the batch and spatial axes, per channel)
 
 The mean(|x|) term is there because the mean computed in the tested dtype carries an
 error proportional to the mean of |x| over the slice (about |mu| when the offset
@@ -125,14 +127,63 @@ def scales(
         result = {
             "output": abs_gamma * s + abs_beta,
             "grad_input": expected.rstd / m * (m * abs_g + sum_abs_g + product_scale),
-            # NOTE: this bound treats the mean's error as independent per element.
-            # It is one error per slice, so for zero-mean dy the true first-order
-            # error grows like |sum(dy)|, not sum(|dy|): at large means a grad_gamma
-            # off by 0.5 * sum(dy) still passes (docs/error-model.md).
-            "grad_gamma": np.sum(np.abs(dy) * s, axis=shared),
-            "grad_beta": np.sum(np.abs(dy), axis=shared),
         }
+        result.update(parameter_scale_parts(dy, expected, s, mean_abs, axes, shared))
+        for quantity in ("grad_gamma", "grad_beta"):
+            result[quantity] = parameter_scale(
+                result[f"{quantity}_sum"], result[f"{quantity}_squares"]
+            )
     return result
+
+
+def parameter_scale_parts(
+    dy: np.ndarray,
+    expected: Expected,
+    s: np.ndarray,
+    mean_abs: np.ndarray,
+    axes: tuple[int, ...],
+    shared: tuple[int, ...],
+) -> dict[str, np.ndarray]:
+    """Return the two sums, per channel, from which parameter_scale makes each
+    parameter gradient's scale. Both add over samples, so a batch judged a group
+    of samples at a time adds its groups' parts.
+
+    grad_beta = sum(dy):    sum = sum(dy) (signed), squares = sum(dy^2)
+    grad_gamma = sum(dy * xhat):
+        sum = sum over slices of |sum(dy)| * mean|x| * rstd + |sum(dy * xhat)|
+        squares = sum((dy * s)^2)
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        slice_dy = np.sum(dy, axis=axes, keepdims=True)
+        slice_dy_xhat = np.sum(dy * expected.xhat, axis=axes, keepdims=True)
+        # One error per slice, from the slice's mean (about mean|x| relative) and
+        # its rstd, reaches every element of the slice alike, so its effect on the
+        # sum is that error times the slice's sum, not times sum(|dy|).
+        systematic = np.abs(slice_dy) * mean_abs * expected.rstd + np.abs(slice_dy_xhat)
+        dy_s = dy * s
+        return {
+            "grad_gamma_sum": np.sum(systematic, axis=shared),
+            "grad_gamma_squares": np.sum(dy_s * dy_s, axis=shared),
+            "grad_beta_sum": np.sum(slice_dy, axis=shared),
+            "grad_beta_squares": np.sum(dy * dy, axis=shared),
+        }
+
+
+def parameter_scale(total: np.ndarray, squares: np.ndarray) -> np.ndarray:
+    """Return a parameter gradient's scale from the parts of parameter_scale_parts:
+    |sum| + sqrt(sum of squares).
+
+    A sum of L terms rounded along the way has an error of about u times the
+    root sum of squares of its partial sums. Where the terms share a sign, the
+    partial sums grow like |sum| and that comes to sqrt(L / 3) * |sum| * u; where
+    they cancel, the partial sums wander like a random walk and it comes to
+    sqrt(L / 2) * sqrt(sum of squares) * u. The budget's growth term,
+    GROWTH * sqrt(L), covers both. The earlier scale, sum(|dy|), was larger by
+    about sqrt(L) for terms that cancel: at 2^24 terms per channel it passed a
+    grad_beta of twice the exact value.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.abs(total) + np.sqrt(squares)
 
 
 @dataclass(frozen=True)

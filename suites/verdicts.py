@@ -267,8 +267,11 @@ def judge_result(
 
     comparisons: dict[str, error_model.Comparison] = {}
     parameter_sums: dict[str, list[np.ndarray]] = {}
+    whole_scales: dict[str, np.ndarray] = {}
     exact_finite = True
+    pieces = 0
     for start, stop, expected, scale in reference_pieces(item, eps, inputs):
+        pieces += 1
         for quantity in quantities:
             exact = getattr(expected, quantity)
             if all_nan:
@@ -276,13 +279,17 @@ def judge_result(
             if quantity not in arrays:
                 continue
             if quantity in ("grad_gamma", "grad_beta"):
-                # Sums over the batch: one piece's share, added up below.
-                if quantity in parameter_sums:
-                    sums = parameter_sums[quantity]
-                    sums[0] = sums[0] + exact
-                    sums[1] = sums[1] + scale[quantity]
+                # Sums over the batch: one piece's share of the exact value and
+                # of its scale's parts, added up below.
+                parts = [exact, scale[f"{quantity}_sum"], scale[f"{quantity}_squares"]]
+                earlier = parameter_sums.get(quantity)
+                if earlier is not None:
+                    parameter_sums[quantity] = [
+                        total + part for total, part in zip(earlier, parts, strict=True)
+                    ]
                 else:
-                    parameter_sums[quantity] = [exact, scale[quantity]]
+                    parameter_sums[quantity] = parts
+                    whole_scales[quantity] = scale[quantity]
                 continue
             comparison = error_model.compare(
                 quantity,
@@ -300,9 +307,15 @@ def judge_result(
             # The first worst element, as one comparison of the whole array finds.
             if best is None or comparison.error > best.error:
                 comparisons[quantity] = comparison
-    for quantity, (exact, scale_sum) in parameter_sums.items():
+    for quantity, (exact, total, squares) in parameter_sums.items():
+        # One piece's own scale is the whole batch's; several pieces' parts make it.
+        scale_of = (
+            whole_scales[quantity]
+            if pieces == 1
+            else error_model.parameter_scale(total, squares)
+        )
         comparisons[quantity] = error_model.compare(
-            quantity, arrays[quantity], exact, scale_sum, dtype, x_shape, units
+            quantity, arrays[quantity], exact, scale_of, dtype, x_shape, units
         )
 
     if all_nan and exact_finite:

@@ -270,6 +270,17 @@ class SwappedParameterGradients(Float32Kernel):
         return grad_beta, grad_gamma
 
 
+class ParameterGradientsTwice(Float32Kernel):
+    """grad_gamma and grad_beta are added into buffers that already held them, as
+    when a kernel accumulates into gradients nobody zeroed: twice the value."""
+
+    framework = "fault-parameter-gradients-twice"
+
+    def parameter_gradients(self, dy, xhat, shared):
+        grad_gamma, grad_beta = super().parameter_gradients(dy, xhat, shared)
+        return grad_gamma + grad_gamma, grad_beta + grad_beta
+
+
 class EpsAddedTwice(Float32Kernel):
     """rstd = 1 / sqrt(var + 2 * eps), as when the variance kernel adds eps and the
     normalize kernel adds it again."""
@@ -434,6 +445,7 @@ FAULTS = (
     UnbiasedVariance,
     GammaMissingFromDx,
     SwappedParameterGradients,
+    ParameterGradientsTwice,
     EpsAddedTwice,
     StatisticsAcrossChannels,
     StatisticsAcrossBatch,

@@ -50,6 +50,10 @@ EXPOSED = [
     (faults.GammaMissingFromDx, "random-2d", "grad_input"),
     (faults.SwappedParameterGradients, "random-2d", "grad_gamma"),
     (faults.SwappedParameterGradients, "random-2d", "grad_beta"),
+    (faults.ParameterGradientsTwice, "random-2d", "grad_gamma"),
+    (faults.ParameterGradientsTwice, "long-reduction", "grad_gamma"),
+    (faults.ParameterGradientsTwice, "long-reduction", "grad_beta"),
+    (faults.ParameterGradientsTwice, "large-mean-1e4", "grad_gamma"),
     (faults.EpsAddedTwice, "random-2d", "output"),
     (faults.EpsAddedTwice, "eps1e-3", "output"),
     (faults.EpsAddedTwice, "constant-slice", "grad_input"),
@@ -168,8 +172,9 @@ def test_faults_never_break(kill_matrix):
 
 def test_largest_case_judged_in_pieces():
     """The 2^26-element case, judged a sample at a time: a correct float32 kernel
-    passes it, and a kernel that pools statistics over the batch fails it. One
-    seed each, as every run takes tens of seconds."""
+    passes it, and kernels that pool statistics over the batch or double the
+    parameter gradients fail it. One seed each, as every run takes tens of
+    seconds."""
     case = "long-reduction-2e26"
     assert cases.by_name(case).large
     for record in run(faults.Float32Kernel(), case, 0).values():
@@ -177,3 +182,8 @@ def test_largest_case_judged_in_pieces():
     records = run(faults.StatisticsAcrossBatch(), case, 0)
     assert records["output"].verdict == "fail", records["output"].message
     assert records["grad_input"].verdict == "fail", records["grad_input"].message
+    # Its parameter gradients sum 2^24 terms per channel. Their scale grows like
+    # the root sum of squares of dy, not like sum(|dy|), so twice the value fails.
+    records = run(faults.ParameterGradientsTwice(), case, 0)
+    for quantity in ("grad_gamma", "grad_beta"):
+        assert records[quantity].verdict == "fail", records[quantity].message
