@@ -358,8 +358,8 @@ def print_table(figures: list[Figures]) -> None:
     )
     print()
     print(
-        "where an item's time goes, in ms per item after the first (one more run, "
-        "parts timed):"
+        "where an item's time goes, in ms per pytest item after the first, skipped "
+        "items included (one more run, parts timed):"
     )
     header = f"{'framework':<22}{'bare':>8}" + "".join(f"{p:>11}" for p in PARTS)
     print(header)
