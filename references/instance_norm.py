@@ -44,29 +44,33 @@ def batch_axes(ndim: int) -> tuple[int, ...]:
 
 
 def _parameters(
-    channels: int, gamma: np.ndarray | None, beta: np.ndarray | None
+    shape: tuple[int, ...], gamma: np.ndarray | None, beta: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     if gamma is None:
-        gamma = np.ones(channels)
+        gamma = np.ones(shape)
     if beta is None:
-        beta = np.zeros(channels)
+        beta = np.zeros(shape)
     return normalization.as_float64(gamma), normalization.as_float64(beta)
 
 
-def _evaluate(
+def evaluate(
     x: np.ndarray,
     gamma: np.ndarray | None,
     beta: np.ndarray | None,
     grad_output: np.ndarray,
     eps: float,
     axes: tuple[int, ...],
+    spans: tuple[int, ...] = (normalization.CHANNEL_AXIS,),
 ) -> Expected:
+    """Return the output and gradients of normalizing x over `axes`, with gamma and
+    beta running along the axes `spans` of x (both None for affine off)."""
     x = normalization.as_float64(x)
     affine = gamma is not None
-    gamma, beta = _parameters(x.shape[normalization.CHANNEL_AXIS], gamma, beta)
+    shape = tuple(x.shape[axis] for axis in spans)
+    gamma, beta = _parameters(shape, gamma, beta)
 
-    fwd = normalization.forward(x, gamma, beta, eps, axes)
-    grads = normalization.backward(x, gamma, grad_output, eps, axes, fwd=fwd)
+    fwd = normalization.forward(x, gamma, beta, eps, axes, spans)
+    grads = normalization.backward(x, gamma, grad_output, eps, axes, fwd, spans)
 
     return Expected(
         output=fwd.output,
@@ -93,7 +97,7 @@ def instance_norm(
     """
     if (gamma is None) != (beta is None):
         raise ValueError("gamma and beta must both be given or both be None")
-    return _evaluate(x, gamma, beta, grad_output, eps, spatial_axes(np.ndim(x)))
+    return evaluate(x, gamma, beta, grad_output, eps, spatial_axes(np.ndim(x)))
 
 
 def batch_norm_training(
@@ -106,4 +110,4 @@ def batch_norm_training(
     """Return BatchNorm's training-mode output and gradients (batch statistics)."""
     if (gamma is None) != (beta is None):
         raise ValueError("gamma and beta must both be given or both be None")
-    return _evaluate(x, gamma, beta, grad_output, eps, batch_axes(np.ndim(x)))
+    return evaluate(x, gamma, beta, grad_output, eps, batch_axes(np.ndim(x)))

@@ -58,11 +58,22 @@ def as_float64(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float64)
 
 
-def broadcast_parameter(parameter: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a per-channel vector of length C to broadcast along axis 1 of x."""
+def broadcast_parameter(
+    parameter: np.ndarray, ndim: int, spans: tuple[int, ...] = (CHANNEL_AXIS,)
+) -> np.ndarray:
+    """Reshape an affine parameter to broadcast against x of rank `ndim`.
+
+    `spans` are the axes of x the parameter runs along, in order. They are (1,)
+    for a per-channel vector of length C, the default. LayerNorm's elementwise
+    parameters span the last k axes. GroupNorm's per-channel vector spans axes 1
+    and 2 of x viewed as (N, G, C / G, ...).
+    """
+    parameter = as_float64(parameter)
     shape = [1] * ndim
-    shape[CHANNEL_AXIS] = -1
-    return as_float64(parameter).reshape(shape)
+    sizes = parameter.shape if len(spans) > 1 else (-1,)
+    for axis, size in zip(spans, sizes, strict=True):
+        shape[axis] = size
+    return parameter.reshape(shape)
 
 
 def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
@@ -87,23 +98,28 @@ def forward(
     beta: np.ndarray,
     eps: float,
     axes: tuple[int, ...],
+    spans: tuple[int, ...] = (CHANNEL_AXIS,),
 ) -> Forward:
-    """Normalize x over `axes`, then scale by gamma and shift by beta per channel."""
+    """Normalize x over `axes`, then scale by gamma and shift by beta, which run
+    along the axes `spans` of x (per channel by default)."""
     x = as_float64(x)
     stats = statistics(x, eps, axes)
 
     with np.errstate(invalid="ignore"):
         xhat = (x - stats.mean) * stats.rstd
-        output = broadcast_parameter(gamma, x.ndim) * xhat + broadcast_parameter(
-            beta, x.ndim
+        output = broadcast_parameter(gamma, x.ndim, spans) * xhat + broadcast_parameter(
+            beta, x.ndim, spans
         )
 
     return Forward(output=output, xhat=xhat, stats=stats)
 
 
-def parameter_axes(ndim: int) -> tuple[int, ...]:
-    """Return every axis but the channel axis: gamma and beta are shared over them."""
-    return tuple(axis for axis in range(ndim) if axis != CHANNEL_AXIS)
+def parameter_axes(
+    ndim: int, spans: tuple[int, ...] = (CHANNEL_AXIS,)
+) -> tuple[int, ...]:
+    """Return the axes gamma and beta are shared over: every axis but `spans`
+    (by default every axis but the channel axis)."""
+    return tuple(axis for axis in range(ndim) if axis not in spans)
 
 
 def reduction_length(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
@@ -118,27 +134,31 @@ def backward(
     eps: float,
     axes: tuple[int, ...],
     fwd: Forward | None = None,
+    spans: tuple[int, ...] = (CHANNEL_AXIS,),
 ) -> Gradients:
-    """Return the input, gamma and beta gradients by the compact formula.
+    """Return the input, gamma and beta gradients by the compact formula, gamma
+    running along the axes `spans` of x (per channel by default). The parameter
+    gradients have gamma's shape.
 
     `fwd` may carry a forward result already computed for the same x and eps.
     """
     x = as_float64(x)
     dy = as_float64(grad_output)
     if fwd is None:
-        fwd = forward(x, gamma, np.zeros_like(as_float64(gamma)), eps, axes)
+        fwd = forward(x, gamma, np.zeros_like(as_float64(gamma)), eps, axes, spans)
     xhat, rstd = fwd.xhat, fwd.stats.rstd
     m = reduction_length(x.shape, axes)
 
     with np.errstate(invalid="ignore"):
-        g = broadcast_parameter(gamma, x.ndim) * dy
+        g = broadcast_parameter(gamma, x.ndim, spans) * dy
         sum_g = np.sum(g, axis=axes, keepdims=True)
         sum_g_xhat = np.sum(g * xhat, axis=axes, keepdims=True)
         grad_input = rstd / m * (m * g - sum_g - xhat * sum_g_xhat)
 
-        shared = parameter_axes(x.ndim)
-        grad_gamma = np.sum(dy * xhat, axis=shared)
-        grad_beta = np.sum(dy, axis=shared)
+        shared = parameter_axes(x.ndim, spans)
+        shape = np.shape(gamma)
+        grad_gamma = np.sum(dy * xhat, axis=shared).reshape(shape)
+        grad_beta = np.sum(dy, axis=shared).reshape(shape)
 
     return Gradients(grad_input=grad_input, grad_gamma=grad_gamma, grad_beta=grad_beta)
 
