@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit-mib must be at least 1")
     if arguments.json is not None and not arguments.json.parent.is_dir():
         parser.error(f"--json: the folder of {arguments.json} does not exist")
+    if arguments.json is not None and arguments.json.is_dir():
+        parser.error(f"--json: {arguments.json} is a folder; give a file name")
 
     results = []
     for framework in frameworks:

@@ -404,6 +404,8 @@ def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
             f"built-in frameworks: {', '.join(sorted(registry.BUILTIN))}"
         )
     arguments.dtype_list = names(arguments.dtypes)
+    if not arguments.dtype_list:
+        parser.error("--dtypes: the list is empty")
     for name in arguments.dtype_list:
         try:
             dtypes.check_dtype(name)
@@ -420,6 +422,8 @@ def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
         arguments.cases = ",".join(names(arguments.cases))
     if arguments.json is not None and not arguments.json.parent.is_dir():
         parser.error(f"--json: the folder of {arguments.json} does not exist")
+    if arguments.json is not None and arguments.json.is_dir():
+        parser.error(f"--json: {arguments.json} is a folder; give a file name")
 
 
 def main(argv: list[str] | None = None) -> int:
