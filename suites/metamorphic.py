@@ -1,0 +1,245 @@
+"""Relations every correct InstanceNorm satisfies, checked by running it twice.
+
+Each relation compares an adapter's results on two inputs, or the parts of one
+result, with no float64 reference value in the comparison:
+
+    shift               y(x + c) = y(x); dx, dgamma and dbeta are unchanged too
+    scale               with eps = 0, y(a * x) = y(x), dx(a * x) = dx(x) / a
+    slice-independence  changing slice (0, 0) leaves every other slice's y and dx,
+                        and every other channel's dgamma and dbeta, unchanged
+    gradient-sums       per slice, sum(dx) = 0, and with eps = 0 sum(dx * xhat) = 0
+
+The inputs are multiples of 1/8 below 2 in magnitude, and c and a are powers of two
+chosen per dtype, so that x + c and a * x are exact in the tested dtype. The two runs
+therefore receive exactly the inputs the relation speaks of. A difference is measured in
+units of the dtype's roundoff against the error model's scales of both inputs,
+and must stay within the error model's budget for the quantity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters.contract import Rejected, Request, Result
+from references import instance_norm as reference
+from suites import dtypes, error_model
+
+RELATIONS = ("shift", "scale", "slice-independence", "gradient-sums")
+SHAPE = (2, 3, 4, 6)
+# The largest power of two c for which k / 8 + c is exact for |k| <= 16: the sum
+# needs log2(c) + 4 significant bits.
+SHIFT = {"float64": 2.0**40, "float32": 2.0**16, "float16": 2.0**6, "bfloat16": 2.0**3}
+# Small enough that a * x has a variance near 1e-5, where an eps raised to 1e-5
+# would change y by about a third.
+SCALE = 2.0**-8
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One relation's verdict: its largest normalized difference and the budget.
+    `holds` is None when the relation could not be checked, with the reason."""
+
+    relation: str
+    holds: bool | None
+    error: float
+    budget: float
+    message: str
+
+
+def grid_inputs(dtype: str, seed: int) -> dict[str, np.ndarray]:
+    """Return x, gamma, beta and dy as multiples of 1/8, exact in every dtype."""
+    rng = np.random.default_rng([seed, 8])
+    arrays = {
+        "x": rng.integers(-16, 17, SHAPE) / 8.0,
+        "gamma": rng.integers(4, 13, SHAPE[1]) / 8.0,
+        "beta": rng.integers(-8, 9, SHAPE[1]) / 8.0,
+        "grad_output": rng.integers(-16, 17, SHAPE) / 8.0,
+    }
+    return {name: dtypes.round_to(values, dtype) for name, values in arrays.items()}
+
+
+def _run(adapter, implementation, device: str, dtype: str, arrays, eps: float):
+    request = Request(
+        op="instance_norm",
+        implementation=implementation.name,
+        device=device,
+        dtype=dtype,
+        x=arrays["x"],
+        gamma=arrays["gamma"],
+        beta=arrays["beta"],
+        grad_output=arrays["grad_output"],
+        eps=eps,
+        affine=True,
+        gradients=implementation.gradients,
+    )
+    result = adapter.run(request)
+    if not isinstance(result, Result):
+        raise TypeError(f"adapter returned {type(result).__name__}, not a Result")
+    return result
+
+
+def _scales(arrays, eps: float) -> dict[str, np.ndarray]:
+    expected = reference.instance_norm(
+        arrays["x"], arrays["gamma"], arrays["beta"], arrays["grad_output"], eps
+    )
+    return error_model.scales(
+        arrays["x"], arrays["gamma"], arrays["beta"], arrays["grad_output"], expected
+    )
+
+
+def _worst(
+    quantity: str,
+    first: np.ndarray,
+    second: np.ndarray,
+    scale: np.ndarray,
+    dtype: str,
+    where: np.ndarray | None = None,
+) -> float:
+    """Return the largest |first - second| / (scale * u) over `where` (default
+    everywhere); a NaN or infinity where the other has a number counts as inf."""
+    first = np.asarray(first, dtype=np.float64)
+    second = np.asarray(second, dtype=np.float64)
+    errors = error_model.normalized_errors(first, second, scale, dtype)
+    if where is not None:
+        errors = errors[where]
+    return float(np.max(errors)) if errors.size else 0.0
+
+
+def _outcome(relation: str, worst: dict[str, float], dtype: str) -> Outcome:
+    m = int(np.prod(SHAPE[2:]))
+    limits = {
+        quantity: error_model.budget(
+            quantity, dtype, error_model.budget_reduction_length(quantity, SHAPE)
+        )
+        for quantity in worst
+    }
+    over = {q: e for q, e in worst.items() if not e <= limits[q]}
+    parts = ", ".join(f"{q} {e:.3g} u of {limits[q]:.3g}" for q, e in worst.items())
+    holds = not over
+    message = f"{relation} {'holds' if holds else 'fails'} (M = {m}): {parts}"
+    largest = max(worst, key=lambda q: worst[q] / limits[q])
+    return Outcome(relation, holds, worst[largest], limits[largest], message)
+
+
+def _scale_outcome(plain, scaled, base, scaled_inputs, dtype: str) -> Outcome:
+    """Judge y(a * x) = y(x) and a * dx(a * x) = dx(x) from two runs with eps = 0."""
+    gradients = plain.grad_input is not None and scaled.grad_input is not None
+    plain_scale, small_scale = _scales(base, 0.0), _scales(scaled_inputs, 0.0)
+    worst = {
+        "output": _worst(
+            "output",
+            scaled.output,
+            plain.output,
+            plain_scale["output"] + small_scale["output"],
+            dtype,
+        )
+    }
+    if gradients:
+        worst["grad_input"] = _worst(
+            "grad_input",
+            np.asarray(scaled.grad_input, np.float64) * SCALE,
+            plain.grad_input,
+            plain_scale["grad_input"] + small_scale["grad_input"] * SCALE,
+            dtype,
+        )
+    return _outcome("scale", worst, dtype)
+
+
+def _gradient_sums(grad_input, inputs, eps: float, dtype: str, with_xhat: bool):
+    """Judge sum(dx) = 0 per slice, and with `with_xhat` (eps = 0) also
+    sum(dx * xhat) = 0, xhat being that of the inputs in float64."""
+    dx = np.asarray(grad_input, dtype=np.float64)
+    expected = reference.instance_norm(
+        inputs["x"], inputs["gamma"], inputs["beta"], inputs["grad_output"], eps
+    )
+    scale = _scales(inputs, eps)["grad_input"]
+    axes = tuple(range(2, len(SHAPE)))
+    sums = {"grad_input": (np.sum(dx, axis=axes), np.sum(scale, axis=axes))}
+    if with_xhat:
+        sums["grad_input * xhat"] = (
+            np.sum(dx * expected.xhat, axis=axes),
+            np.sum(scale * np.abs(expected.xhat), axis=axes),
+        )
+    unit = dtypes.UNIT_ROUNDOFF[dtype]
+    limit = error_model.budget("grad_input", dtype, int(np.prod(SHAPE[2:])))
+    worst_error, parts = 0.0, []
+    for name, (total, total_scale) in sums.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            error = np.abs(total) / (total_scale * unit)
+        value = float(np.max(np.where(np.isfinite(error), error, np.inf)))
+        worst_error = max(worst_error, value)
+        parts.append(f"sum({name}) {value:.3g} u of {limit:.3g}")
+    if not with_xhat:
+        parts.append("sum(grad_input * xhat) not checked: eps = 0 was rejected")
+    holds = worst_error <= limit
+    message = f"gradient-sums {'holds' if holds else 'fails'}: " + ", ".join(parts)
+    return Outcome("gradient-sums", holds, worst_error, limit, message)
+
+
+def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
+    """Run every relation for one implementation, device and dtype; return a list
+    of Outcome in RELATIONS order."""
+    base = grid_inputs(dtype, seed)
+    gradients = implementation.gradients
+    quantities = error_model.QUANTITIES if gradients else ("output",)
+    result = _run(adapter, implementation, device, dtype, base, EPS)
+    base_scale = _scales(base, EPS)
+    outcomes = []
+
+    shifted = dict(base, x=dtypes.round_to(base["x"] + SHIFT[dtype], dtype))
+    if not np.array_equal(
+        np.asarray(shifted["x"], np.float64) - SHIFT[dtype], base["x"]
+    ):
+        raise ValueError(f"x + {SHIFT[dtype]:g} is not exact in {dtype}")
+    moved = _run(adapter, implementation, device, dtype, shifted, EPS)
+    shift_scale = _scales(shifted, EPS)
+    worst = {
+        q: _worst(
+            q,
+            getattr(moved, q),
+            getattr(result, q),
+            base_scale[q] + shift_scale[q],
+            dtype,
+        )
+        for q in quantities
+    }
+    outcomes.append(_outcome("shift", worst, dtype))
+
+    scaled_inputs = dict(base, x=dtypes.round_to(base["x"] * SCALE, dtype))
+    plain = None
+    try:
+        plain = _run(adapter, implementation, device, dtype, base, 0.0)
+        scaled = _run(adapter, implementation, device, dtype, scaled_inputs, 0.0)
+    except Rejected as rejection:
+        plain = None
+        message = f"scale not checked: the implementation rejects eps = 0 ({rejection})"
+        outcomes.append(Outcome("scale", None, 0.0, 0.0, message))
+    else:
+        outcomes.append(_scale_outcome(plain, scaled, base, scaled_inputs, dtype))
+
+    changed_x = np.array(base["x"], dtype=np.float64)
+    changed_x[0, 0] = -changed_x[0, 0] + 0.5
+    changed = dict(base, x=dtypes.round_to(changed_x, dtype))
+    other = _run(adapter, implementation, device, dtype, changed, EPS)
+    others = np.ones(SHAPE, dtype=bool)
+    others[0, 0] = False
+    channels = np.arange(SHAPE[1]) != 0
+    worst = {}
+    for q in quantities:
+        where = others if q in ("output", "grad_input") else channels
+        worst[q] = _worst(
+            q, getattr(other, q), getattr(result, q), 2.0 * base_scale[q], dtype, where
+        )
+    outcomes.append(_outcome("slice-independence", worst, dtype))
+
+    if gradients:
+        # sum(dx * xhat) is 0 only with eps = 0, where sum(xhat^2) = M exactly; with
+        # eps > 0 it is rstd * eps / (var + eps) * sum(g * xhat).
+        if plain is not None:
+            outcomes.append(_gradient_sums(plain.grad_input, base, 0.0, dtype, True))
+        else:
+            outcomes.append(_gradient_sums(result.grad_input, base, EPS, dtype, False))
+    return outcomes
