@@ -40,10 +40,10 @@ EPS = 1e-5
 @dataclass(frozen=True)
 class Outcome:
     """One relation's verdict: its largest normalized difference and the budget.
-    `holds` is None when the relation could not be checked, with the reason."""
+    `satisfied` is None when the relation could not be checked, with the reason."""
 
     relation: str
-    holds: bool | None
+    satisfied: bool | None
     error: float
     budget: float
     message: str
@@ -81,17 +81,19 @@ def _run(adapter, implementation, device: str, dtype: str, arrays, eps: float):
     return result
 
 
-def _scales(arrays, eps: float) -> dict[str, np.ndarray]:
+def _reference(arrays, eps: float):
+    """Return the float64 reference of the inputs and its error scales. The
+    relations use xhat and the scales only, never the reference's results."""
     expected = reference.instance_norm(
         arrays["x"], arrays["gamma"], arrays["beta"], arrays["grad_output"], eps
     )
-    return error_model.scales(
+    scales = error_model.scales(
         arrays["x"], arrays["gamma"], arrays["beta"], arrays["grad_output"], expected
     )
+    return expected, scales
 
 
 def _worst(
-    quantity: str,
     first: np.ndarray,
     second: np.ndarray,
     scale: np.ndarray,
@@ -99,9 +101,7 @@ def _worst(
     where: np.ndarray | None = None,
 ) -> float:
     """Return the largest |first - second| / (scale * u) over `where` (default
-    everywhere); a NaN or infinity where the other has a number counts as inf."""
-    first = np.asarray(first, dtype=np.float64)
-    second = np.asarray(second, dtype=np.float64)
+    everywhere). A NaN or infinity where the other has a number counts as inf."""
     errors = error_model.normalized_errors(first, second, scale, dtype)
     if where is not None:
         errors = errors[where]
@@ -116,21 +116,24 @@ def _outcome(relation: str, worst: dict[str, float], dtype: str) -> Outcome:
         )
         for quantity in worst
     }
-    over = {q: e for q, e in worst.items() if not e <= limits[q]}
+    satisfied = all(error <= limits[q] for q, error in worst.items())
     parts = ", ".join(f"{q} {e:.3g} u of {limits[q]:.3g}" for q, e in worst.items())
-    holds = not over
-    message = f"{relation} {'holds' if holds else 'fails'} (M = {m}): {parts}"
+    message = f"{relation} {_state(satisfied)} (M = {m}): {parts}"
     largest = max(worst, key=lambda q: worst[q] / limits[q])
-    return Outcome(relation, holds, worst[largest], limits[largest], message)
+    return Outcome(relation, satisfied, worst[largest], limits[largest], message)
 
 
-def _scale_outcome(plain, scaled, base, scaled_inputs, dtype: str) -> Outcome:
-    """Judge y(a * x) = y(x) and a * dx(a * x) = dx(x) from two runs with eps = 0."""
+def _state(satisfied: bool) -> str:
+    return "satisfied" if satisfied else "violated"
+
+
+def _scale_outcome(plain, scaled, plain_scale, scaled_inputs, dtype: str) -> Outcome:
+    """Judge y(a * x) = y(x) and a * dx(a * x) = dx(x) from two runs with eps = 0,
+    given the error scales of the unscaled inputs."""
     gradients = plain.grad_input is not None and scaled.grad_input is not None
-    plain_scale, small_scale = _scales(base, 0.0), _scales(scaled_inputs, 0.0)
+    _, small_scale = _reference(scaled_inputs, 0.0)
     worst = {
         "output": _worst(
-            "output",
             scaled.output,
             plain.output,
             plain_scale["output"] + small_scale["output"],
@@ -139,7 +142,6 @@ def _scale_outcome(plain, scaled, base, scaled_inputs, dtype: str) -> Outcome:
     }
     if gradients:
         worst["grad_input"] = _worst(
-            "grad_input",
             np.asarray(scaled.grad_input, np.float64) * SCALE,
             plain.grad_input,
             plain_scale["grad_input"] + small_scale["grad_input"] * SCALE,
@@ -148,14 +150,12 @@ def _scale_outcome(plain, scaled, base, scaled_inputs, dtype: str) -> Outcome:
     return _outcome("scale", worst, dtype)
 
 
-def _gradient_sums(grad_input, inputs, eps: float, dtype: str, with_xhat: bool):
+def _gradient_sums(grad_input, expected, scales, dtype: str, with_xhat: bool):
     """Judge sum(dx) = 0 per slice, and with `with_xhat` (eps = 0) also
-    sum(dx * xhat) = 0, xhat being that of the inputs in float64."""
+    sum(dx * xhat) = 0. `expected` and `scales` are those of the inputs, with the
+    eps the run used."""
     dx = np.asarray(grad_input, dtype=np.float64)
-    expected = reference.instance_norm(
-        inputs["x"], inputs["gamma"], inputs["beta"], inputs["grad_output"], eps
-    )
-    scale = _scales(inputs, eps)["grad_input"]
+    scale = scales["grad_input"]
     axes = tuple(range(2, len(SHAPE)))
     sums = {"grad_input": (np.sum(dx, axis=axes), np.sum(scale, axis=axes))}
     if with_xhat:
@@ -174,9 +174,9 @@ def _gradient_sums(grad_input, inputs, eps: float, dtype: str, with_xhat: bool):
         parts.append(f"sum({name}) {value:.3g} u of {limit:.3g}")
     if not with_xhat:
         parts.append("sum(grad_input * xhat) not checked: eps = 0 was rejected")
-    holds = worst_error <= limit
-    message = f"gradient-sums {'holds' if holds else 'fails'}: " + ", ".join(parts)
-    return Outcome("gradient-sums", holds, worst_error, limit, message)
+    satisfied = worst_error <= limit
+    message = f"gradient-sums {_state(satisfied)}: " + ", ".join(parts)
+    return Outcome("gradient-sums", satisfied, worst_error, limit, message)
 
 
 def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
@@ -186,7 +186,7 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
     gradients = implementation.gradients
     quantities = error_model.QUANTITIES if gradients else ("output",)
     result = _run(adapter, implementation, device, dtype, base, EPS)
-    base_scale = _scales(base, EPS)
+    base_expected, base_scale = _reference(base, EPS)
     outcomes = []
 
     shifted = dict(base, x=dtypes.round_to(base["x"] + SHIFT[dtype], dtype))
@@ -195,10 +195,9 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
     ):
         raise ValueError(f"x + {SHIFT[dtype]:g} is not exact in {dtype}")
     moved = _run(adapter, implementation, device, dtype, shifted, EPS)
-    shift_scale = _scales(shifted, EPS)
+    _, shift_scale = _reference(shifted, EPS)
     worst = {
         q: _worst(
-            q,
             getattr(moved, q),
             getattr(result, q),
             base_scale[q] + shift_scale[q],
@@ -209,16 +208,19 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
     outcomes.append(_outcome("shift", worst, dtype))
 
     scaled_inputs = dict(base, x=dtypes.round_to(base["x"] * SCALE, dtype))
-    plain = None
     try:
         plain = _run(adapter, implementation, device, dtype, base, 0.0)
         scaled = _run(adapter, implementation, device, dtype, scaled_inputs, 0.0)
     except Rejected as rejection:
+        # The second run may be the one rejected: neither run is used then.
         plain = None
         message = f"scale not checked: the implementation rejects eps = 0 ({rejection})"
         outcomes.append(Outcome("scale", None, 0.0, 0.0, message))
     else:
-        outcomes.append(_scale_outcome(plain, scaled, base, scaled_inputs, dtype))
+        plain_expected, plain_scale = _reference(base, 0.0)
+        outcomes.append(
+            _scale_outcome(plain, scaled, plain_scale, scaled_inputs, dtype)
+        )
 
     changed_x = np.array(base["x"], dtype=np.float64)
     changed_x[0, 0] = -changed_x[0, 0] + 0.5
@@ -231,7 +233,7 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
     for q in quantities:
         where = others if q in ("output", "grad_input") else channels
         worst[q] = _worst(
-            q, getattr(other, q), getattr(result, q), 2.0 * base_scale[q], dtype, where
+            getattr(other, q), getattr(result, q), 2.0 * base_scale[q], dtype, where
         )
     outcomes.append(_outcome("slice-independence", worst, dtype))
 
@@ -239,7 +241,12 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
         # sum(dx * xhat) is 0 only with eps = 0, where sum(xhat^2) = M exactly; with
         # eps > 0 it is rstd * eps / (var + eps) * sum(g * xhat).
         if plain is not None:
-            outcomes.append(_gradient_sums(plain.grad_input, base, 0.0, dtype, True))
+            outcome = _gradient_sums(
+                plain.grad_input, plain_expected, plain_scale, dtype, True
+            )
         else:
-            outcomes.append(_gradient_sums(result.grad_input, base, EPS, dtype, False))
+            outcome = _gradient_sums(
+                result.grad_input, base_expected, base_scale, dtype, False
+            )
+        outcomes.append(outcome)
     return outcomes
