@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(json.loads(argv[1]))
 
     from adapters import registry
-    from benchmarks.speed import names
-    from suites import cases
+    from benchmarks.speed import check_cases, check_frameworks, check_json, names
 
     parser = argparse.ArgumentParser(
         prog="python benchmarks/memory.py", description=__doc__.split("\n\n")[0]
@@ -114,27 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         if mode not in ("process", "none"):
             parser.error(f"--isolation: {mode!r} is not process or none")
-    frameworks = names(arguments.frameworks)
-    unknown = [name for name in frameworks if name not in registry.BUILTIN]
-    if unknown or not frameworks:
-        parser.error(
-            f"--frameworks: unknown framework {', '.join(unknown) or '(none given)'}; "
-            f"built-in frameworks: {', '.join(sorted(registry.BUILTIN))}"
-        )
-    if not names(arguments.cases):
-        parser.error("--cases: the list is empty")
-    for name in names(arguments.cases):
-        try:
-            cases.by_name(name)
-        except KeyError as error:
-            parser.error(f"--cases: {error.args[0]}")
-    arguments.cases = ",".join(names(arguments.cases))
+    frameworks = check_frameworks(parser, arguments.frameworks)
+    arguments.cases = check_cases(parser, arguments.cases)
     if arguments.limit_mib < 1:
         parser.error("--limit-mib must be at least 1")
-    if arguments.json is not None and not arguments.json.parent.is_dir():
-        parser.error(f"--json: the folder of {arguments.json} does not exist")
-    if arguments.json is not None and arguments.json.is_dir():
-        parser.error(f"--json: {arguments.json} is a folder; give a file name")
+    check_json(parser, arguments.json)
 
     results = []
     for framework in frameworks:

@@ -390,19 +390,49 @@ def names(value: str) -> list[str]:
     return list(dict.fromkeys(name for name in parts if name))
 
 
-def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
-    """Stop with a usage error (exit status 2) on a value the run cannot use."""
-    if arguments.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    arguments.framework_list = names(arguments.frameworks)
-    unknown = [
-        name for name in arguments.framework_list if name not in registry.BUILTIN
-    ]
-    if unknown or not arguments.framework_list:
+def check_frameworks(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    """Return the built-in frameworks named in `value`, or stop with a usage error
+    on an unknown name or an empty list."""
+    chosen = names(value)
+    unknown = [name for name in chosen if name not in registry.BUILTIN]
+    if unknown or not chosen:
         parser.error(
             f"--frameworks: unknown framework {', '.join(unknown) or '(none given)'}; "
             f"built-in frameworks: {', '.join(sorted(registry.BUILTIN))}"
         )
+    return chosen
+
+
+def check_cases(parser: argparse.ArgumentParser, value: str) -> str:
+    """Return the catalogue cases named in `value`, comma-separated, or stop with a
+    usage error on an unknown name or an empty list."""
+    chosen = names(value)
+    if not chosen:
+        parser.error("--cases: the list is empty")
+    for name in chosen:
+        try:
+            cases.by_name(name)
+        except KeyError as error:
+            parser.error(f"--cases: {error.args[0]}")
+    return ",".join(chosen)
+
+
+def check_json(parser: argparse.ArgumentParser, path: Path | None) -> None:
+    """Stop with a usage error when --json names a folder or a file in a folder
+    that does not exist."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        parser.error(f"--json: the folder of {path} does not exist")
+    if path.is_dir():
+        parser.error(f"--json: {path} is a folder; give a file name")
+
+
+def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
+    """Stop with a usage error (exit status 2) on a value the run cannot use."""
+    if arguments.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    arguments.framework_list = check_frameworks(parser, arguments.frameworks)
     arguments.dtype_list = names(arguments.dtypes)
     if not arguments.dtype_list:
         parser.error("--dtypes: the list is empty")
@@ -412,18 +442,8 @@ def check_arguments(parser: argparse.ArgumentParser, arguments) -> None:
         except ValueError as error:
             parser.error(f"--dtypes: {error}")
     if arguments.cases is not None:
-        if not names(arguments.cases):
-            parser.error("--cases: the list is empty")
-        for name in names(arguments.cases):
-            try:
-                cases.by_name(name)
-            except KeyError as error:
-                parser.error(f"--cases: {error.args[0]}")
-        arguments.cases = ",".join(names(arguments.cases))
-    if arguments.json is not None and not arguments.json.parent.is_dir():
-        parser.error(f"--json: the folder of {arguments.json} does not exist")
-    if arguments.json is not None and arguments.json.is_dir():
-        parser.error(f"--json: {arguments.json} is a folder; give a file name")
+        arguments.cases = check_cases(parser, arguments.cases)
+    check_json(parser, arguments.json)
 
 
 def main(argv: list[str] | None = None) -> int:
