@@ -5,11 +5,11 @@
 
 For each installed built-in framework and each isolation mode, it starts a new
 Python process that runs `pytest suites --framework NAME --devices cpu --cases
-LIST` and nothing else, then prints the peak resident memory of that pytest
-process and of its largest adapter worker process (with --isolation process),
-their sum, and whether the pytest process stayed within the limit (4096 MiB by
-default). A new process per run means
-that no earlier run's memory counts. It prints figures and asserts nothing.
+LIST` and nothing else. A new process per run means that no earlier run's memory
+counts. It then prints the peak resident memory of that pytest process and of its
+largest adapter worker process (with --isolation process), their sum, and whether
+the pytest process stayed within the limit (4096 MiB by default). It prints
+figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def measure(framework: str, isolation: str, cases: str) -> dict:
         "-p",
         "no:cacheprovider",
     ]
+
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(options)],
@@ -72,6 +73,7 @@ def measure(framework: str, isolation: str, cases: str) -> dict:
         check=False,
     )
     seconds = time.perf_counter() - start
+
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     figures = json.loads(lines[-1]) if lines else {}
     # pytest's exit status 1 means some item failed, which is a verdict; any

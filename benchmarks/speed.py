@@ -183,11 +183,13 @@ def install_stopwatch(stopwatch: Stopwatch) -> None:
 
 
 def breakdown(framework: str, arguments: argparse.Namespace) -> dict[str, float]:
-    """Run the suite once more with normconf's parts timed; return each part's
-    seconds per item over the items after the first, as the ratio counts them.
-    `pytest` is the rest of the items' time: pytest's protocol (setup, call and
-    teardown with their reports and hooks), the fixtures and the test function's
-    own lines."""
+    """Run the suite once more with normconf's parts timed, and return each part's
+    seconds per pytest item after the first, as the ratio counts them.
+
+    `pytest` is the rest of the items' time. It covers pytest's protocol (setup,
+    call and teardown with their reports and hooks), the fixtures and the test
+    function's own lines.
+    """
     stopwatch = Stopwatch()
     install_stopwatch(stopwatch)
     try:

@@ -34,11 +34,10 @@ class Generator:
         raise NotImplementedError
 
 
-# The most elements of one input that the suite handles as one float64 array. A
-# larger case is generated, summarized and judged a group of samples at a time
-# (see sample_chunks), so that its float64 work holds about this many elements
-# per array: 2^20, 8 MiB in float64. Every case but the 2^26-element one is
-# below it, and goes through the whole-array path unchanged.
+# The maximum number of elements of an input that the suite handles as one float64
+# array: 2^20, 8 MiB in float64. A larger input is generated, summarized and judged
+# a group of samples at a time (see sample_chunks), so its float64 arrays stay
+# about this size. Every case but the 2^26-element one is within it.
 CHUNK_ELEMENTS = 2**20
 
 

@@ -468,8 +468,8 @@ def input_snapshot(request: Request) -> dict[str, np.ndarray | Checksum]:
 
 
 def _same_bytes(current: np.ndarray, before: np.ndarray | Checksum) -> bool:
-    """Return True if `current` holds the bytes `before` held or summed to. Bytes,
-    not values: a NaN equals itself."""
+    """Return True if `current` has the bytes that `before` had (a copy) or summed
+    to (a Checksum). Bytes are compared, not values, so a NaN equals itself."""
     if isinstance(before, Checksum):
         return _checksum(current) == before
     if current.shape != before.shape or current.dtype != before.dtype:

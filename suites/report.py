@@ -59,6 +59,12 @@ def array_summary(values: np.ndarray) -> dict:
     return stats
 
 
+def _finite_float64(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return a piece as a flat float64 array, and its finite elements."""
+    flat = np.asarray(piece, dtype=np.float64).ravel()
+    return flat, flat[np.isfinite(flat)]
+
+
 def _large_array_summary(values: np.ndarray) -> dict:
     """array_summary in three passes over groups of samples: counts and extremes,
     then the mean, then the standard deviation about it. The sums are added piece
@@ -67,8 +73,7 @@ def _large_array_summary(values: np.ndarray) -> dict:
     count = nan = finite_count = 0
     low, high, largest = np.inf, -np.inf, 0.0
     for piece in pieces:
-        flat = np.asarray(piece, dtype=np.float64).ravel()
-        finite = flat[np.isfinite(flat)]
+        flat, finite = _finite_float64(piece)
         count += flat.size
         nan += int(np.isnan(flat).sum())
         finite_count += finite.size
@@ -79,16 +84,16 @@ def _large_array_summary(values: np.ndarray) -> dict:
     if not finite_count:
         stats.update(dict.fromkeys(("min", "max", "mean", "std")))
         return stats
+
     scale = largest or 1.0
     total = 0.0
     for piece in pieces:
-        flat = np.asarray(piece, dtype=np.float64).ravel()
-        total += float(np.sum(flat[np.isfinite(flat)] / scale))
+        total += float(np.sum(_finite_float64(piece)[1] / scale))
     mean = total / finite_count
+
     squares = 0.0
     for piece in pieces:
-        flat = np.asarray(piece, dtype=np.float64).ravel()
-        deviations = flat[np.isfinite(flat)] / scale - mean
+        deviations = _finite_float64(piece)[1] / scale - mean
         squares += float(np.dot(deviations, deviations))
     moments = {
         "min": float(low),

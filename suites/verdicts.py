@@ -259,8 +259,8 @@ def judge_result(
             problems[quantity] = problem
         else:
             arrays[quantity] = from_layout(got, layout) if x_shaped else got
-    # A result whose every array is NaN throughout is no result at all, if the
-    # exact values are finite; the pieces below tell whether they are.
+    # Arrays that are NaN throughout are an error, not a numerical failure, when
+    # every exact value is finite. The loop over the pieces checks that.
     all_nan = len(arrays) == len(quantities) and all(
         array.size and np.all(np.isnan(array)) for array in arrays.values()
     )
@@ -355,10 +355,10 @@ def reference_pieces(item: Item, eps: float | None, inputs: Inputs | None = None
     Inputs within CHUNK_ELEMENTS are one piece, the whole batch, and the
     catalogue's come from the shared cache. A larger input comes a group of
     samples at a time (suites.cases.sample_chunks), computed afresh for each item:
-    its whole float64 reference would hold gigabytes. Every (n, c) slice lies in
-    one piece, so each output and grad_input element is the one the whole
-    computation gives; the pieces' grad_gamma and grad_beta are partial sums over
-    their samples.
+    its whole float64 reference would take gigabytes. Every (n, c) slice lies in
+    one piece, so each output and grad_input element equals the one the whole
+    computation gives. The pieces' grad_gamma and grad_beta, and the parts of
+    their scales, are partial sums over their samples.
     """
     case = item.case
     use_eps = case.eps if eps is None else eps

@@ -272,7 +272,7 @@ class SwappedParameterGradients(Float32Kernel):
 
 class ParameterGradientsTwice(Float32Kernel):
     """grad_gamma and grad_beta are added into buffers that already held them, as
-    when a kernel accumulates into gradients nobody zeroed: twice the value."""
+    when a kernel accumulates into gradients that were not zeroed: twice the value."""
 
     framework = "fault-parameter-gradients-twice"
 

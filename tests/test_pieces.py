@@ -163,7 +163,7 @@ def test_large_array_summary_without_finite_values(monkeypatch):
     assert (summary["mean"], summary["std"]) == (None, None)
 
 
-def test_no_whole_reference_for_a_large_case():
+def test_large_case_has_no_whole_reference():
     with pytest.raises(ValueError, match="reference_pieces"):
         verdicts.catalogue_reference(cases.by_name("long-reduction-2e26"), "float32", 0)
 

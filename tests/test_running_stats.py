@@ -44,7 +44,7 @@ def test_momentum_weighting_old_value():
     np.testing.assert_allclose(result.var, [2.1, 0.45], rtol=1e-15)
 
 
-def test_batch_norm_step_uses_every_axis_but_channels():
+def test_batch_norm_step_reduction_axes():
     x = np.arange(2 * 2 * 3, dtype=np.float64).reshape(2, 2, 3)
     result = batch_norm_step(x, OLD_MEAN, OLD_VAR, 0.5, CONVENTIONS["torch"])
     channel = np.array([x[:, 0].ravel(), x[:, 1].ravel()])
@@ -63,7 +63,7 @@ def test_instance_norm_step_averages_slices():
     np.testing.assert_allclose(result.var, 0.9 * OLD_VAR + 0.1 * slice_var)
 
 
-def test_unbiased_variance_of_one_element_is_not_finite():
+def test_unbiased_variance_single_element():
     x = np.array([[[2.0], [3.0]]])
     result = batch_norm_step(x, OLD_MEAN, OLD_VAR, 0.1, CONVENTIONS["torch"])
     assert not np.isfinite(result.var).any()
