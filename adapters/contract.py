@@ -10,8 +10,9 @@ Contract version 1:
 
 - `framework`: a short lowercase name used in test ids and reports ("torch").
 - `version()`: the framework's version string.
-- `implementations()`: the ways this adapter computes the operator, each with a name
-  that is unique within the adapter and a flag saying whether it returns gradients.
+- `implementations()`: the ways this adapter computes each operator, each with a
+  name that is unique within the adapter, the operator it computes (InstanceNorm
+  when it names none) and a flag saying whether it returns gradients.
 - `devices()`: every device the adapter supports, available or not, with the reason
   when it is not (a missing GPU is reported, not hidden).
 - `unsupported_reason(implementation, device, dtype)`: None when the combination runs,
@@ -34,7 +35,15 @@ import numpy as np
 
 CONTRACT_VERSION = 1
 
-OPERATORS = ("instance_norm",)
+# The operators of the family (docs/operators.md):
+# - instance_norm: each (n, c) slice over the spatial axes, gamma and beta per channel;
+# - group_norm: each (n, group) over its C / G consecutive channels and the spatial
+#   axes, `Request.groups` groups, gamma and beta per channel;
+# - layer_norm: each sample over the last `Request.normalized_ndim` axes of the
+#   (N, C, *spatial) array, gamma and beta of the shape of those axes;
+# - batch_norm: training mode, each channel over the batch and the spatial axes with
+#   the batch's own statistics, gamma and beta per channel.
+OPERATORS = ("instance_norm", "group_norm", "layer_norm", "batch_norm")
 
 # Memory layouts of x: channels_first is (N, C, *spatial), channels_last is
 # (N, *spatial, C).
@@ -47,11 +56,12 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Implementation:
-    """One way an adapter computes the operator, e.g. a native op or a reshape.
+    """One way an adapter computes an operator, e.g. a native op or a reshape.
 
     `gradient_reason` gives the reason there are no gradients when `gradients` is
     False.
     `layouts` lists the layouts of x the implementation accepts without transposes.
+    `operator` is the member of OPERATORS it computes.
     """
 
     name: str
@@ -59,6 +69,7 @@ class Implementation:
     gradients: bool = True
     gradient_reason: str = ""
     layouts: tuple[str, ...] = ("channels_first",)
+    operator: str = "instance_norm"
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,12 @@ class Request:
     dtype, except bfloat16, which arrives in float32 arrays. gamma and beta are None
     when `affine` is False. x and grad_output are in `layout`: (N, *spatial, C) for
     channels_last. The arrays are read-only: copy before writing.
+
+    `op` is the implementation's operator. `groups` is set for group_norm only, and
+    divides C. `normalized_ndim` is set for layer_norm only: the operator normalizes
+    over the last `normalized_ndim` axes of x in (N, C, *spatial) order, and gamma
+    and beta have the shape of those axes (layer_norm runs in channels_first only).
+    gamma and beta have shape (C,) for every other operator.
     """
 
     op: str
@@ -92,6 +109,8 @@ class Request:
     affine: bool
     gradients: bool
     layout: str = "channels_first"
+    groups: int | None = None
+    normalized_ndim: int | None = None
 
 
 @dataclass
@@ -101,8 +120,8 @@ class Result:
 
     output and grad_input are in the request's layout. Gradients are None when the
     request did not ask for them, and grad_gamma and grad_beta are None when affine
-    is off. `dtype` names the dtype the framework returned its output in, as
-    normconf spells dtypes ("float32").
+    is off; they have the shape of gamma. `dtype` names the dtype the framework
+    returned its output in, as normconf spells dtypes ("float32").
 
     `compute_dtype` names the format the framework computed in, when the adapter
     has measured it: "float32" for float16 input that a kernel computes in float32, or
@@ -235,6 +254,12 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
             )
     if kind is Implementation:
         for implementation in members:
+            if implementation.operator not in OPERATORS:
+                raise ContractError(
+                    f"adapter {origin}: implementation {implementation.name!r} "
+                    f"computes operator {implementation.operator!r}; use one of "
+                    f"{', '.join(OPERATORS)}"
+                )
             unknown = [
                 layout for layout in implementation.layouts if layout not in LAYOUTS
             ]

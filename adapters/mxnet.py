@@ -1,4 +1,5 @@
-"""MXNet 1.9.1 adapter: three ways to compute InstanceNorm, gradients through autograd.
+"""MXNet 1.9.1 adapter: InstanceNorm three ways, and GroupNorm, LayerNorm and BatchNorm
+(training mode) through their native operators, with gradients through autograd.
 
 MXNet runs operators asynchronously, so a framework error surfaces when a result is
 read. The adapter reads every result (`asnumpy`) inside the block that maps
@@ -55,22 +56,26 @@ EMPTY_INSTANCE_NORM = (
 # mshadow's type flags, as InstanceNorm's message prints them.
 MSHADOW_TYPE_FLAG = {"float32": 0, "float64": 1, "float16": 2}
 
-Forward = Callable[[mx.nd.NDArray, mx.nd.NDArray, mx.nd.NDArray, float], mx.nd.NDArray]
+# A forward computes the request's operator from x, gamma and beta, which run() has
+# converted to NDArrays. gamma and beta are ones and zeros when affine is off.
+Forward = Callable[
+    [mx.nd.NDArray, mx.nd.NDArray, mx.nd.NDArray, Request], mx.nd.NDArray
+]
 
 
-def _instance_norm(x, gamma, beta, eps):
-    return mx.nd.InstanceNorm(x, gamma, beta, eps=eps)
+def _instance_norm(x, gamma, beta, request):
+    return mx.nd.InstanceNorm(x, gamma, beta, eps=request.eps)
 
 
-def _group_norm(x, gamma, beta, eps):
+def _group_norm(x, gamma, beta, request):
     # In mxnet 1.9.1 GroupNorm's gamma and beta have one element per group, not per
     # channel (a (C,) gamma with num_groups = 1 raises "Shape size mismatch"). With
     # num_groups = C, a group is a channel, so this is InstanceNorm with a
     # per-channel scale and shift.
-    return mx.nd.GroupNorm(x, gamma, beta, num_groups=x.shape[1], eps=eps)
+    return mx.nd.GroupNorm(x, gamma, beta, num_groups=x.shape[1], eps=request.eps)
 
 
-def _batch_norm_reshape(x, gamma, beta, eps):
+def _batch_norm_reshape(x, gamma, beta, request):
     batch, channels = x.shape[0], x.shape[1]
     folded = x.reshape((1, batch * channels, *x.shape[2:]))
     weight = mx.nd.tile(gamma, reps=(batch,))
@@ -85,7 +90,7 @@ def _batch_norm_reshape(x, gamma, beta, eps):
         bias,
         moving_mean,
         moving_var,
-        eps=eps,
+        eps=request.eps,
         # The default fix_gamma=True would replace gamma with 1 and zero its gradient.
         fix_gamma=False,
         # Use batch statistics. This also needs autograd's train mode, because
@@ -94,6 +99,59 @@ def _batch_norm_reshape(x, gamma, beta, eps):
         axis=1,
     )
     return output.reshape(x.shape)
+
+
+def _group_norm_native(x, gamma, beta, request):
+    # In mxnet 1.9.1 GroupNorm's gamma and beta have one element per group, so it
+    # runs with unit gamma and zero beta. The per-channel gamma and beta follow as
+    # broadcast operators, which autograd records like GroupNorm.
+    groups = request.groups
+    unit = mx.nd.ones((groups,), ctx=x.context, dtype=x.dtype)
+    zero = mx.nd.zeros((groups,), ctx=x.context, dtype=x.dtype)
+    normalized = mx.nd.GroupNorm(x, unit, zero, num_groups=groups, eps=request.eps)
+    if not request.affine:
+        return normalized
+    # Reshaped to (C, 1, ...), gamma and beta broadcast along the channel axis.
+    per_channel = (x.shape[1],) + (1,) * (x.ndim - 2)
+    scaled = mx.nd.broadcast_mul(normalized, gamma.reshape(per_channel))
+    return mx.nd.broadcast_add(scaled, beta.reshape(per_channel))
+
+
+def _layer_norm_native(x, gamma, beta, request):
+    # LayerNorm normalizes along one axis, so the last normalized_ndim axes become
+    # one. The reshapes run inside autograd, which returns the gradients of x, gamma
+    # and beta in their own shapes.
+    normalized_ndim = request.normalized_ndim
+    length = int(np.prod(x.shape[x.ndim - normalized_ndim :]))
+    flat = x.reshape((*x.shape[: x.ndim - normalized_ndim], length))
+    output = mx.nd.LayerNorm(
+        flat,
+        gamma.reshape((length,)),
+        beta.reshape((length,)),
+        axis=-1,
+        eps=request.eps,
+    )
+    return output.reshape(x.shape)
+
+
+def _batch_norm_native(x, gamma, beta, request):
+    # Training mode does not read the moving statistics, and the adapter discards
+    # their updates. They take gamma's dtype, which is float32 for a float16 x.
+    moving_mean = mx.nd.zeros(gamma.shape, ctx=x.context, dtype=gamma.dtype)
+    moving_var = mx.nd.ones(gamma.shape, ctx=x.context, dtype=gamma.dtype)
+    return mx.nd.BatchNorm(
+        x,
+        gamma,
+        beta,
+        moving_mean,
+        moving_var,
+        eps=request.eps,
+        fix_gamma=False,
+        # Batch statistics need this and autograd's train mode, as in
+        # _batch_norm_reshape.
+        use_global_stats=False,
+        axis=-1 if request.layout == "channels_last" else 1,
+    )
 
 
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
@@ -116,24 +174,63 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         ),
         _batch_norm_reshape,
     ),
+    "group_norm.native": (
+        Implementation(
+            "group_norm.native",
+            "mxnet.nd.GroupNorm(x, ones(G), zeros(G), num_groups=G, eps), then "
+            "mxnet.nd.broadcast_mul by gamma and broadcast_add of beta per channel "
+            "inside autograd (mxnet 1.9.1's GroupNorm takes gamma and beta per group, "
+            "not per channel); without affine, GroupNorm alone",
+            operator="group_norm",
+        ),
+        _group_norm_native,
+    ),
+    "layer_norm.native": (
+        Implementation(
+            "layer_norm.native",
+            "mxnet.nd.LayerNorm(x, gamma, beta, axis=-1, eps); for normalized_ndim "
+            "k > 1, on x reshaped to (*x.shape[:-k], product of the last k sizes) "
+            "with gamma and beta flattened, inside autograd",
+            operator="layer_norm",
+        ),
+        _layer_norm_native,
+    ),
+    "batch_norm.native": (
+        Implementation(
+            "batch_norm.native",
+            "mxnet.nd.BatchNorm(x, gamma, beta, zeros(C), ones(C), eps, "
+            "fix_gamma=False, use_global_stats=False, axis=1, or axis=-1 for "
+            "channels_last) in autograd's train mode",
+            layouts=("channels_first", "channels_last"),
+            operator="batch_norm",
+        ),
+        _batch_norm_native,
+    ),
 }
+
+# The implementations that call BatchNorm, which takes float32 parameters for
+# float16 data.
+BATCH_NORM_IMPLEMENTATIONS = ("batch-norm-reshape", "batch_norm.native")
 
 
 def _parameter_dtype(implementation: str, dtype: str) -> str:
     """Return the dtype MXNet requires for gamma and beta."""
-    if implementation == "batch-norm-reshape" and dtype == "float16":
+    if implementation in BATCH_NORM_IMPLEMENTATIONS and dtype == "float16":
         # BatchNorm wants float32 parameters for float16 data ("This layer requires
         # uniform type. Expected 'float32' v.s. given 'float16' at 'gamma'").
         # float32 represents every float16 value exactly.
         return "float32"
+    # GroupNorm and LayerNorm reject parameters of another dtype than x: float32
+    # ones for float16 data raise "Incompatible attr in node  at 1-th input:
+    # expected float16, got float32".
     return dtype
 
 
 # Operators whose eps parameter is a C++ float, so that MXNet computes with the
 # request's eps rounded to float32 in every dtype. The 1.9.1 docstrings give the
-# parameter types: "eps : float, optional, default=9.99999975e-06" for GroupNorm,
-# "float" for InstanceNorm too, and "double" for BatchNorm.
-FLOAT32_EPS = ("instance-norm", "group-norm")
+# parameter types: "eps : float, optional, default=9.99999975e-06" for GroupNorm and
+# LayerNorm, "float" for InstanceNorm too, and "double" for BatchNorm.
+FLOAT32_EPS = ("instance-norm", "group-norm", "group_norm.native", "layer_norm.native")
 
 
 def _received_eps(implementation: str, eps: float) -> float:
@@ -141,6 +238,15 @@ def _received_eps(implementation: str, eps: float) -> float:
     if implementation in FLOAT32_EPS:
         return float(np.float32(eps))
     return eps
+
+
+def _parameter_shape(request: Request) -> tuple[int, ...]:
+    """Return the shape of gamma and beta for the request's operator."""
+    if request.op == "layer_norm":
+        return request.x.shape[request.x.ndim - request.normalized_ndim :]
+    if request.layout == "channels_last":
+        return (request.x.shape[-1],)
+    return (request.x.shape[1],)
 
 
 def _device_context(name: str) -> mx.Context:
@@ -211,7 +317,7 @@ class MXNetAdapter(Adapter):
         context = _device_context(request.device)
         dtype = request.dtype
         parameter_dtype = _parameter_dtype(request.implementation, dtype)
-        channels = request.x.shape[1]
+        parameter_shape = _parameter_shape(request)
         want = request.gradients
 
         def ndarray(array: np.ndarray, array_dtype: str, grad: bool) -> mx.nd.NDArray:
@@ -227,10 +333,10 @@ class MXNetAdapter(Adapter):
                 gamma = ndarray(request.gamma, parameter_dtype, want)
                 beta = ndarray(request.beta, parameter_dtype, want)
             else:
-                # Every MXNet implementation takes gamma and beta, so affine off is
+                # Every MXNet operator takes gamma and beta, so affine off is
                 # gamma = 1, beta = 0 with no gradients requested.
-                gamma = mx.nd.ones((channels,), ctx=context, dtype=parameter_dtype)
-                beta = mx.nd.zeros((channels,), ctx=context, dtype=parameter_dtype)
+                gamma = mx.nd.ones(parameter_shape, ctx=context, dtype=parameter_dtype)
+                beta = mx.nd.zeros(parameter_shape, ctx=context, dtype=parameter_dtype)
             affine_gradients = want and request.affine
 
             if request.implementation == "instance-norm" and request.x.size == 0:
@@ -241,11 +347,11 @@ class MXNetAdapter(Adapter):
                 raise RuntimeError(EMPTY_INSTANCE_NORM)
             if want:
                 with autograd.record(train_mode=True):
-                    output = forward(x, gamma, beta, request.eps)
+                    output = forward(x, gamma, beta, request)
                 output.backward(ndarray(request.grad_output, dtype, False))
             else:
                 with autograd.train_mode():
-                    output = forward(x, gamma, beta, request.eps)
+                    output = forward(x, gamma, beta, request)
             # Reading each array waits for it, so an asynchronous MXNetError is
             # raised here rather than in a later item.
             result = Result(

@@ -1,11 +1,14 @@
-"""ONNX Runtime adapter: InstanceNorm as small ONNX models run by InferenceSession.
+"""ONNX Runtime adapter: the normalization family as small ONNX models run by
+InferenceSession.
 
 Each implementation is an ONNX graph built with onnx.helper and checked with
-onnx.checker: the InstanceNormalization operator at opset 6, at the newest opset the
-installed onnx defines and, when onnxruntime cannot load that one, at the newest
-opset it can; GroupNormalization with num_groups = C; and BatchNormalization in
-training mode on the (1, N*C, ...) reshape. ONNX operators take channels-first input
-only, so every implementation declares that layout alone.
+onnx.checker. InstanceNorm runs as the InstanceNormalization operator at opset 6, at
+the newest opset the installed onnx defines and, when onnxruntime cannot load that
+one, at the newest opset it can; as GroupNormalization with num_groups = C; and as
+BatchNormalization in training mode on the (1, N*C, ...) reshape. GroupNorm,
+LayerNorm and BatchNorm run as one GroupNormalization, LayerNormalization or
+BatchNormalization node. ONNX operators take channels-first input only, so every
+implementation declares that layout alone.
 
 Devices are execution providers, listed in the environment variable
 NORMCONF_ORT_PROVIDERS (comma-separated provider names) or, without it, taken from
@@ -20,8 +23,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -121,6 +124,7 @@ ASSIGNMENT_CONFIG_KEY = "session.record_ep_graph_assignment_info"
 
 INSTANCE_NORM = "InstanceNormalization"
 GROUP_NORM = "GroupNormalization"
+LAYER_NORM = "LayerNormalization"
 BATCH_NORM = "BatchNormalization"
 
 # The first opset whose BatchNormalization has the training_mode attribute, and the
@@ -129,12 +133,25 @@ BATCH_NORM = "BatchNormalization"
 BATCH_NORM_TRAINING_OPSET = 14
 GROUP_NORM_PER_CHANNEL_VERSION = 21
 
+# The opsets that the group_norm, layer_norm and batch_norm implementations import:
+# the ones that introduced the operator versions they use (GroupNormalization-21,
+# LayerNormalization-17, BatchNormalization-15). LayerNormalization needs opset 17
+# for onnxruntime-training 1.19.2: its CPU provider has no float64 or float16
+# LayerNormalizationGrad kernel, and the function body it inlines instead calls
+# ReduceMean with the `axes` attribute, which opsets 18 and newer reject ("Unrecognized
+# attribute: axes for operator ReduceMean").
+GROUP_NORM_OPSET = 21
+LAYER_NORM_OPSET = 17
+BATCH_NORM_OPSET = 15
+
 # The signature every support probe builds: rank 2 input, three channels, eps 1e-5.
 # onnxruntime registers kernels per operator version, dtype and provider, not per
 # shape or attribute value, so one signature shows which dtypes run.
 PROBE_RANK = 2
 PROBE_CHANNELS = 3
 PROBE_EPS = 1e-5
+PROBE_GROUPS = 1
+PROBE_NORMALIZED_NDIM = 1
 
 
 class DeviceFallbackError(Exception):
@@ -158,7 +175,10 @@ class Spec:
 @dataclass(frozen=True)
 class Signature:
     """Everything an ONNX graph depends on. `channels` is set only for graphs that
-    fix C (GroupNormalization's num_groups); every other dimension is symbolic."""
+    fix C (InstanceNorm through GroupNormalization with num_groups = C); every other
+    dimension is symbolic. `groups` is GroupNormalization's num_groups, and
+    `normalized_ndim` the number of trailing axes that LayerNormalization normalizes
+    over."""
 
     implementation: str
     dtype: str
@@ -166,6 +186,8 @@ class Signature:
     eps: float
     channels: int | None
     gradients: bool
+    groups: int | None = None
+    normalized_ndim: int | None = None
 
 
 # ---------------------------------------------------------------------------------
@@ -199,8 +221,31 @@ def _group_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
             ["y"],
             name="normalize",
             epsilon=signature.eps,
-            num_groups=signature.channels,
+            num_groups=signature.groups,
             stash_type=stash,
+        )
+    ]
+
+
+def _layer_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
+    # stash_type stays at its default, float32: the standard allows only float32 and
+    # bfloat16 for the Mean and InvStdDev outputs that the gradient builder needs.
+    # onnxruntime 1.31.1's and 1.19.2's CPU kernels compute float64 input in float64
+    # all the same (measured: stash_type 1 and 11 give the same float64 outputs).
+    outputs = ["y"]
+    if signature.gradients:
+        # onnxruntime-training 1.19.2's LayerNormalization gradient reads the saved
+        # statistics and fails ("i < node_->OutputDefs().size() was false") on a
+        # node that does not declare them.
+        outputs += ["saved_mean", "saved_inv_std_dev"]
+    return [
+        helper.make_node(
+            LAYER_NORM,
+            ["x", "scale", "B"],
+            outputs,
+            name="normalize",
+            axis=-signature.normalized_ndim,
+            epsilon=signature.eps,
         )
     ]
 
@@ -210,12 +255,53 @@ def _int64(name: str, values: list[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=tensor)
 
 
+def _batch_norm_training_nodes(
+    signature: Signature, x: str, scale: str, bias: str, y: str
+) -> list[onnx.NodeProto]:
+    """Run BatchNormalization in training mode on `x`, with running statistics of
+    zeros and ones shaped like `scale`, and write the normalized output to `y`."""
+    element_type = ONNX_TYPES[signature.dtype]
+    # ConstantOfShape allows bfloat16 only from opset 20 on, so bfloat16 statistics
+    # are made in float32 and cast.
+    cast = signature.dtype == "bfloat16"
+    stats_type = TensorProto.FLOAT if cast else element_type
+    zero = helper.make_tensor("zero", stats_type, [1], [0.0])
+    one = helper.make_tensor("one", stats_type, [1], [1.0])
+    stats = ["mean_stats", "var_stats"] if cast else ["mean_in", "var_in"]
+
+    nodes = [
+        helper.make_node("Shape", [scale], ["stats_shape"]),
+        helper.make_node("ConstantOfShape", ["stats_shape"], [stats[0]], value=zero),
+        helper.make_node("ConstantOfShape", ["stats_shape"], [stats[1]], value=one),
+    ]
+    if cast:
+        nodes += [
+            helper.make_node("Cast", ["mean_stats"], ["mean_in"], to=element_type),
+            helper.make_node("Cast", ["var_stats"], ["var_in"], to=element_type),
+        ]
+    return [
+        *nodes,
+        # In training mode the output uses the batch statistics; the running mean
+        # and variance inputs only feed the unused running outputs.
+        helper.make_node(
+            BATCH_NORM,
+            [x, scale, bias, "mean_in", "var_in"],
+            [y, "running_mean", "running_var"],
+            name="normalize",
+            epsilon=signature.eps,
+            momentum=0.9,
+            training_mode=1,
+        ),
+    ]
+
+
+def _batch_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
+    return _batch_norm_training_nodes(signature, "x", "scale", "B", "y")
+
+
 def _batch_norm_reshape_nodes(signature: Signature) -> list[onnx.NodeProto]:
     """Fold x to (1, N*C, *spatial), repeat scale and B N times, run
     BatchNormalization in training mode and unfold the output."""
-    element_type = ONNX_TYPES[signature.dtype]
-    zero = helper.make_tensor("zero", element_type, [1], [0.0])
-    one = helper.make_tensor("one", element_type, [1], [1.0])
     return [
         helper.make_node("Shape", ["x"], ["x_shape"]),
         helper.make_node("Shape", ["x"], ["batch"], start=0, end=1),
@@ -235,28 +321,21 @@ def _batch_norm_reshape_nodes(signature: Signature) -> list[onnx.NodeProto]:
         helper.make_node("Reshape", ["x", "folded_shape"], ["folded"], allowzero=1),
         helper.make_node("Tile", ["scale", "batch"], ["scale_repeated"]),
         helper.make_node("Tile", ["B", "batch"], ["B_repeated"]),
-        helper.make_node("Shape", ["scale_repeated"], ["stats_shape"]),
-        helper.make_node("ConstantOfShape", ["stats_shape"], ["mean_in"], value=zero),
-        helper.make_node("ConstantOfShape", ["stats_shape"], ["var_in"], value=one),
-        # In training mode the output uses the batch statistics; the running mean
-        # and variance inputs only feed the unused running outputs.
-        helper.make_node(
-            BATCH_NORM,
-            ["folded", "scale_repeated", "B_repeated", "mean_in", "var_in"],
-            ["folded_y", "running_mean", "running_var"],
-            name="normalize",
-            epsilon=signature.eps,
-            momentum=0.9,
-            training_mode=1,
+        *_batch_norm_training_nodes(
+            signature, "folded", "scale_repeated", "B_repeated", "folded_y"
         ),
         helper.make_node("Reshape", ["folded_y", "x_shape"], ["y"], allowzero=1),
     ]
 
 
+# The graph builders, keyed by (normconf operator, ONNX operator).
 NODE_BUILDERS = {
-    INSTANCE_NORM: _instance_norm_nodes,
-    GROUP_NORM: _group_norm_nodes,
-    BATCH_NORM: _batch_norm_reshape_nodes,
+    ("instance_norm", INSTANCE_NORM): _instance_norm_nodes,
+    ("instance_norm", GROUP_NORM): _group_norm_nodes,
+    ("instance_norm", BATCH_NORM): _batch_norm_reshape_nodes,
+    ("group_norm", GROUP_NORM): _group_norm_nodes,
+    ("layer_norm", LAYER_NORM): _layer_norm_nodes,
+    ("batch_norm", BATCH_NORM): _batch_norm_nodes,
 }
 
 
@@ -291,12 +370,18 @@ def build_model(spec: Spec, signature: Signature, ir_version: int) -> onnx.Model
     """Build and check the ONNX model of one implementation and signature.
 
     Inputs x, scale and B (and dy with gradients); outputs y (and the scalar loss
-    sum(y * dy) first, with gradients). A bfloat16 model's inputs and outputs are
-    float32 and carry the names with `_in` and `_out` appended.
+    sum(y * dy) first, with gradients). scale and B have the shape of the last
+    `normalized_ndim` axes of x for LayerNormalization and (C,) otherwise. A bfloat16
+    model's inputs and outputs are float32 and carry the names with `_in` and `_out`
+    appended.
     """
     dims = _dimension_names(signature.rank)
     if signature.channels is not None:
         dims[1] = signature.channels
+    if signature.normalized_ndim is None:
+        parameter_dims = [dims[1]]
+    else:
+        parameter_dims = dims[-signature.normalized_ndim :]
     boundary = BOUNDARY_TYPES[signature.dtype]
     cast_before, cast_after = _boundary_casts(signature)
     suffix_in = "_in" if cast_before else ""
@@ -304,10 +389,11 @@ def build_model(spec: Spec, signature: Signature, ir_version: int) -> onnx.Model
 
     inputs = [
         helper.make_tensor_value_info(f"x{suffix_in}", boundary, dims),
-        helper.make_tensor_value_info(f"scale{suffix_in}", boundary, [dims[1]]),
-        helper.make_tensor_value_info(f"B{suffix_in}", boundary, [dims[1]]),
+        helper.make_tensor_value_info(f"scale{suffix_in}", boundary, parameter_dims),
+        helper.make_tensor_value_info(f"B{suffix_in}", boundary, parameter_dims),
     ]
-    nodes = cast_before + NODE_BUILDERS[spec.operator](signature) + cast_after
+    builder = NODE_BUILDERS[(spec.implementation.operator, spec.operator)]
+    nodes = cast_before + builder(signature) + cast_after
     outputs = [helper.make_tensor_value_info(f"y{suffix_out}", boundary, dims)]
     if signature.gradients:
         inputs.append(helper.make_tensor_value_info(f"dy{suffix_in}", boundary, dims))
@@ -568,35 +654,49 @@ def _group_norm_per_channel(opset: int) -> bool:
     return schema.since_version >= GROUP_NORM_PER_CHANNEL_VERSION
 
 
-def build_specs(newest_opset: int, gradient_reason: str) -> dict[str, Spec]:
-    """Return the implementations, keyed by name.
+def build_specs(
+    newest_opset: int, gradient_reason: Callable[[str], str]
+) -> dict[str, Spec]:
+    """Return the implementations, keyed by name, all without gradients.
+
+    `gradient_reason` maps an ONNX operator to the reason there are no gradients.
 
     InstanceNormalization runs at opset 6 and at the newest opset onnx defines. When
     onnxruntime cannot load that opset, that implementation is declared anyway (its
     items are unsupported, with onnxruntime's error) and another runs at
-    `newest_opset`, the newest that onnxruntime loads. GroupNormalization and
-    BatchNormalization run at `newest_opset`.
+    `newest_opset`, the newest that onnxruntime loads. InstanceNorm's
+    GroupNormalization and BatchNormalization run at `newest_opset`. The group_norm,
+    layer_norm and batch_norm implementations run at GROUP_NORM_OPSET,
+    LAYER_NORM_OPSET and BATCH_NORM_OPSET, and are left out when onnxruntime cannot
+    load that opset.
     """
     newest_defined = onnx.defs.onnx_opset_version()
     opsets = sorted({6, newest_defined, newest_opset})
 
-    def implementation(name: str, description: str) -> Implementation:
+    def implementation(name: str, description: str, operator: str) -> Implementation:
         return Implementation(
-            name, description, gradients=False, gradient_reason=gradient_reason
+            name,
+            description,
+            gradients=False,
+            gradient_reason=gradient_reason(operator),
         )
 
     specs = {}
     for opset in opsets:
         name = f"instance-norm-opset{opset}"
         description = f"ONNX {INSTANCE_NORM} in a model importing opset {opset}"
-        specs[name] = Spec(INSTANCE_NORM, opset, implementation(name, description))
+        specs[name] = Spec(
+            INSTANCE_NORM, opset, implementation(name, description, INSTANCE_NORM)
+        )
     if _group_norm_per_channel(newest_opset):
         description = (
             f"ONNX {GROUP_NORM} (opset {newest_opset}) with num_groups = C, "
             "statistics in float64 for float64 input and in float32 otherwise"
         )
         specs["group-norm"] = Spec(
-            GROUP_NORM, newest_opset, implementation("group-norm", description)
+            GROUP_NORM,
+            newest_opset,
+            implementation("group-norm", description, GROUP_NORM),
         )
     if newest_opset >= BATCH_NORM_TRAINING_OPSET:
         description = (
@@ -604,8 +704,62 @@ def build_specs(newest_opset: int, gradient_reason: str) -> dict[str, Spec]:
             "(1, N*C, ...) reshape with scale and B repeated N times"
         )
         specs["batch-norm-reshape"] = Spec(
-            BATCH_NORM, newest_opset, implementation("batch-norm-reshape", description)
+            BATCH_NORM,
+            newest_opset,
+            implementation("batch-norm-reshape", description, BATCH_NORM),
         )
+    specs.update(_family_specs(newest_opset, gradient_reason))
+    return specs
+
+
+def _family_specs(
+    newest_opset: int, gradient_reason: Callable[[str], str]
+) -> dict[str, Spec]:
+    """Return the group_norm, layer_norm and batch_norm implementations whose opset
+    onnxruntime loads."""
+    affine_off = "ones and zeros when affine is off"
+    declared = (
+        (
+            "group_norm",
+            GROUP_NORM,
+            GROUP_NORM_OPSET,
+            f"ONNX {GROUP_NORM}-21 in a model importing opset {GROUP_NORM_OPSET}: "
+            "num_groups = groups, epsilon = eps, stash_type float64 for float64 "
+            f"input and float32 otherwise, scale and bias of shape (C,) ({affine_off})",
+        ),
+        (
+            "layer_norm",
+            LAYER_NORM,
+            LAYER_NORM_OPSET,
+            f"ONNX {LAYER_NORM}-17 in a model importing opset {LAYER_NORM_OPSET}: "
+            "axis = -normalized_ndim, epsilon = eps, stash_type left at float32, "
+            "Scale and B of the shape of the normalized axes "
+            f"({affine_off}), Mean and InvStdDev outputs declared only when "
+            "gradients are built",
+        ),
+        (
+            "batch_norm",
+            BATCH_NORM,
+            BATCH_NORM_OPSET,
+            f"ONNX {BATCH_NORM}-15 in a model importing opset {BATCH_NORM_OPSET}: "
+            "training_mode = 1, epsilon = eps, momentum = 0.9, input_mean zeros and "
+            f"input_var ones of shape (C,), scale and B of shape (C,) ({affine_off}), "
+            "only the output Y read",
+        ),
+    )
+    specs = {}
+    for operator, onnx_operator, opset, description in declared:
+        if opset > newest_opset:
+            continue
+        name = f"{operator}.onnx"
+        declaration = Implementation(
+            name,
+            description,
+            gradients=False,
+            gradient_reason=gradient_reason(onnx_operator),
+            operator=operator,
+        )
+        specs[name] = Spec(onnx_operator, opset, declaration)
     return specs
 
 
@@ -653,12 +807,12 @@ class OnnxRuntimeAdapter(Adapter):
             )
         self._newest_ir = newest_loadable_ir_version()
         self._newest_opset = newest_loadable_opset(self._newest_ir)
-        self._specs = build_specs(self._newest_opset, self._gradient_reason())
+        self._specs = build_specs(self._newest_opset, self._gradient_reason)
         self._devices = discover_devices(requested_providers())
         self._sessions: dict[tuple[Signature, str], onnxruntime.InferenceSession] = {}
         self._support: dict[tuple[str, str, str], str | None] = {}
 
-    def _gradient_reason(self) -> str:
+    def _gradient_reason(self, operator: str) -> str:
         return (
             f"the onnxruntime package ({onnxruntime.__version__}) runs inference "
             "only: it has no gradient graph builder (that is in onnxruntime-training)"
@@ -677,15 +831,34 @@ class OnnxRuntimeAdapter(Adapter):
         return self._devices[device][1]
 
     def _signature(
-        self, spec: Spec, dtype: str, rank: int, eps: float, channels: int, grads: bool
+        self,
+        spec: Spec,
+        dtype: str,
+        rank: int,
+        eps: float,
+        channels: int,
+        grads: bool,
+        groups: int | None = None,
+        normalized_ndim: int | None = None,
     ) -> Signature:
+        """Return the graph signature; `groups` applies to group_norm and
+        `normalized_ndim` to layer_norm implementations, and both are ignored
+        elsewhere."""
+        operator = spec.implementation.operator
+        fixes_channels = operator == "instance_norm" and spec.operator == GROUP_NORM
+        if fixes_channels:
+            groups = channels
+        elif operator != "group_norm":
+            groups = None
         return Signature(
             implementation=spec.implementation.name,
             dtype=dtype,
             rank=rank,
             eps=eps,
-            channels=channels if spec.operator == GROUP_NORM else None,
+            channels=channels if fixes_channels else None,
             gradients=grads,
+            groups=groups,
+            normalized_ndim=normalized_ndim if operator == "layer_norm" else None,
         )
 
     def model_bytes(self, spec: Spec, signature: Signature) -> bytes:
@@ -730,6 +903,8 @@ class OnnxRuntimeAdapter(Adapter):
             PROBE_EPS,
             PROBE_CHANNELS,
             self._wants_gradients(spec),
+            groups=PROBE_GROUPS,
+            normalized_ndim=PROBE_NORMALIZED_NDIM,
         )
         try:
             self.session(spec, signature, device)
@@ -743,12 +918,15 @@ class OnnxRuntimeAdapter(Adapter):
 
     def _feeds(self, request: Request, names: list[str]) -> dict[str, np.ndarray]:
         container = _container(request.dtype)
-        channels = request.x.shape[1]
         if request.affine:
             scale, bias = request.gamma, request.beta
         else:
-            scale = np.ones(channels, dtype=container)
-            bias = np.zeros(channels, dtype=container)
+            if request.op == "layer_norm":
+                shape = request.x.shape[-request.normalized_ndim :]
+            else:
+                shape = request.x.shape[1:2]
+            scale = np.ones(shape, dtype=container)
+            bias = np.zeros(shape, dtype=container)
         arrays = {"x": request.x, "scale": scale, "B": bias, "dy": request.grad_output}
         suffix = "_in" if request.dtype == "bfloat16" else ""
         feeds = {}
@@ -766,6 +944,8 @@ class OnnxRuntimeAdapter(Adapter):
             request.eps,
             request.x.shape[1],
             grads,
+            groups=request.groups,
+            normalized_ndim=request.normalized_ndim,
         )
         names = ["x", "scale", "B"] + (["dy"] if grads else [])
         try:
@@ -809,8 +989,8 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
 
     # The operators whose gradient onnxruntime-training 1.19.2 builds, measured:
     # InstanceNormalization and GroupNormalization raise "The gradient builder has
-    # not been registered".
-    GRADIENT_OPERATORS = (BATCH_NORM,)
+    # not been registered: <operator> for node".
+    GRADIENT_OPERATORS = (BATCH_NORM, LAYER_NORM)
     REQUIRES_GRAD = ("x", "scale", "B")
 
     def __init__(self) -> None:
@@ -825,19 +1005,22 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
             name: self._with_gradients(spec) for name, spec in self._specs.items()
         }
 
-    def _gradient_reason(self) -> str:
+    def _gradient_reason(self, operator: str) -> str:
         return (
             f"onnxruntime-training {onnxruntime.__version__} has no gradient builder "
-            "for this operator (GradientGraphBuilder raises 'The gradient builder has "
-            "not been registered')"
+            f"for {operator} (GradientGraphBuilder raises 'The gradient builder has "
+            f"not been registered: {operator} for node')"
         )
 
     def _with_gradients(self, spec: Spec) -> Spec:
         if spec.operator not in self.GRADIENT_OPERATORS:
             return spec
-        declared = Implementation(
-            spec.implementation.name,
-            spec.implementation.description + "; gradients from GradientGraphBuilder",
+        declared = replace(
+            spec.implementation,
+            description=spec.implementation.description
+            + "; gradients from GradientGraphBuilder",
+            gradients=True,
+            gradient_reason="",
         )
         return Spec(spec.operator, spec.opset, declared)
 

@@ -1,4 +1,5 @@
-"""PyTorch adapter: three ways to compute InstanceNorm, gradients through autograd."""
+"""PyTorch adapter: three ways to compute InstanceNorm and the functional GroupNorm,
+LayerNorm and BatchNorm, gradients through autograd."""
 
 from __future__ import annotations
 
@@ -26,19 +27,21 @@ TORCH_DTYPES = {
 }
 
 Forward = Callable[
-    [torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor
+    [torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", Request], torch.Tensor
 ]
 
 
-def _functional(x, gamma, beta, eps):
+def _functional(x, gamma, beta, request):
+    eps = request.eps
     return F.instance_norm(x, weight=gamma, bias=beta, use_input_stats=True, eps=eps)
 
 
-def _group_norm(x, gamma, beta, eps):
-    return F.group_norm(x, x.shape[1], weight=gamma, bias=beta, eps=eps)
+def _group_norm(x, gamma, beta, request):
+    return F.group_norm(x, x.shape[1], weight=gamma, bias=beta, eps=request.eps)
 
 
-def _batch_norm_reshape(x, gamma, beta, eps):
+def _batch_norm_reshape(x, gamma, beta, request):
+    eps = request.eps
     batch, channels = x.shape[0], x.shape[1]
     folded = x.reshape(1, batch * channels, *x.shape[2:])
     weight = gamma.repeat(batch) if gamma is not None else None
@@ -47,6 +50,22 @@ def _batch_norm_reshape(x, gamma, beta, eps):
         folded, None, None, weight=weight, bias=bias, training=True, eps=eps
     )
     return output.reshape(x.shape)
+
+
+def _family_group_norm(x, gamma, beta, request):
+    return F.group_norm(x, request.groups, weight=gamma, bias=beta, eps=request.eps)
+
+
+def _family_layer_norm(x, gamma, beta, request):
+    normalized_shape = x.shape[x.ndim - request.normalized_ndim :]
+    return F.layer_norm(x, normalized_shape, weight=gamma, bias=beta, eps=request.eps)
+
+
+def _family_batch_norm(x, gamma, beta, request):
+    # No running statistics: training mode then normalizes with the batch's own.
+    return F.batch_norm(
+        x, None, None, weight=gamma, bias=beta, training=True, eps=request.eps
+    )
 
 
 BOTH_LAYOUTS = ("channels_first", "channels_last")
@@ -74,6 +93,33 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
         ),
         _batch_norm_reshape,
+    ),
+    "group_norm.functional": (
+        Implementation(
+            "group_norm.functional",
+            "torch.nn.functional.group_norm(x, groups, weight, bias, eps)",
+            layouts=BOTH_LAYOUTS,
+            operator="group_norm",
+        ),
+        _family_group_norm,
+    ),
+    "layer_norm.functional": (
+        Implementation(
+            "layer_norm.functional",
+            "torch.nn.functional.layer_norm(x, x.shape[-k:], weight, bias, eps)",
+            operator="layer_norm",
+        ),
+        _family_layer_norm,
+    ),
+    "batch_norm.functional": (
+        Implementation(
+            "batch_norm.functional",
+            "torch.nn.functional.batch_norm(x, None, None, weight, bias, "
+            "training=True, eps=eps)",
+            layouts=BOTH_LAYOUTS,
+            operator="batch_norm",
+        ),
+        _family_batch_norm,
     ),
 }
 
@@ -161,7 +207,7 @@ class TorchAdapter(Adapter):
             # A channels-last array becomes an (N, C, ...) view with channels-last
             # strides, which torch's channels-last kernels handle without a copy.
             logical = _channels_first_view(x) if channels_last else x
-            output = forward(logical, gamma, beta, request.eps)
+            output = forward(logical, gamma, beta, request)
             if want:
                 grad_output = tensor(request.grad_output, False)
                 if channels_last:

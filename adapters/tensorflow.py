@@ -1,5 +1,5 @@
-"""TensorFlow adapter: three ways to compute InstanceNorm, gradients through
-tf.GradientTape.
+"""TensorFlow adapter: InstanceNorm three ways, GroupNorm and LayerNorm through Keras,
+and BatchNorm in training mode three ways, with gradients through tf.GradientTape.
 
 Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. Everything
 runs eagerly (no tf.function), pinned to the requested device with tf.device.
@@ -72,9 +72,10 @@ class Computed:
     compute_dtype: str | None = None
 
 
-Forward = Callable[
-    [tf.Tensor, "tf.Tensor | None", "tf.Tensor | None", float, str], Computed
-]
+# forward(x, gamma, beta, eps, layout, **arguments), where `arguments` contains the
+# operator's own request fields: `groups` for group_norm, `normalized_ndim` for
+# layer_norm, none for the others.
+Forward = Callable[..., Computed]
 
 
 def _to_channels_last(x: tf.Tensor) -> tf.Tensor:
@@ -209,6 +210,141 @@ def _fused_batch_norm_reshape(x, gamma, beta, eps, layout):
     return Computed(output, gamma, beta, eps=float(np.float32(eps)))
 
 
+def _keras_compute_dtype(x: tf.Tensor) -> str:
+    """Return the dtype Keras 3.15.1's normalization layers compute x in.
+
+    GroupNormalization, LayerNormalization and BatchNormalization each cast their
+    input to result_type(dtype, float32), compute, and cast the output back once.
+    """
+    return "float32" if x.dtype in (tf.float16, tf.bfloat16) else x.dtype.name
+
+
+def _call_keras_layer(layer, x, gamma, beta, **call_arguments) -> tf.Tensor:
+    """Build `layer` for x, set its gamma and beta weights, and call it on x."""
+    layer.build(x.shape)
+    if gamma is not None:
+        layer.gamma.assign(gamma)
+    if beta is not None:
+        layer.beta.assign(beta)
+    return layer(x, **call_arguments)
+
+
+def _channel_axis(layout: str) -> int:
+    return 1 if layout == CHANNELS_FIRST else -1
+
+
+def _group_norm_keras(x, gamma, beta, eps, layout, *, groups):
+    # Each Keras layer gets the tested dtype as its dtype policy, because under the
+    # default float32 policy Keras 3.15.1 returns float32 for float64 input.
+    layer = keras.layers.GroupNormalization(
+        groups=groups,
+        axis=_channel_axis(layout),
+        epsilon=eps,
+        center=beta is not None,
+        scale=gamma is not None,
+        dtype=x.dtype.name,
+    )
+    output = _call_keras_layer(layer, x, gamma, beta)
+    return Computed(
+        output, layer.gamma, layer.beta, compute_dtype=_keras_compute_dtype(x)
+    )
+
+
+def _layer_norm_keras(x, gamma, beta, eps, layout, *, normalized_ndim):
+    rank = x.shape.rank
+    layer = keras.layers.LayerNormalization(
+        axis=list(range(rank - normalized_ndim, rank)),
+        epsilon=eps,
+        center=beta is not None,
+        scale=gamma is not None,
+        dtype=x.dtype.name,
+    )
+    output = _call_keras_layer(layer, x, gamma, beta)
+    return Computed(
+        output, layer.gamma, layer.beta, compute_dtype=_keras_compute_dtype(x)
+    )
+
+
+def _batch_norm_keras(x, gamma, beta, eps, layout):
+    # training=True normalizes with the batch's statistics. The layer also updates
+    # its moving mean and variance, which the adapter discards with the layer.
+    layer = keras.layers.BatchNormalization(
+        axis=_channel_axis(layout),
+        epsilon=eps,
+        center=beta is not None,
+        scale=gamma is not None,
+        dtype=x.dtype.name,
+    )
+    output = _call_keras_layer(layer, x, gamma, beta, training=True)
+    return Computed(
+        output, layer.gamma, layer.beta, compute_dtype=_keras_compute_dtype(x)
+    )
+
+
+def _batch_norm_moments(x, gamma, beta, eps, layout):
+    rank = x.shape.rank
+    if layout == CHANNELS_FIRST:
+        channels, axes = x.shape[1], [0, *range(2, rank)]
+    else:
+        channels, axes = x.shape[-1], list(range(rank - 1))
+    shape = _parameter_shape(rank, channels, layout)
+    mean, variance = tf.nn.moments(x, axes=axes, keepdims=True)
+    output = tf.nn.batch_normalization(
+        x,
+        mean,
+        variance,
+        offset=tf.reshape(beta, shape) if beta is not None else None,
+        scale=tf.reshape(gamma, shape) if gamma is not None else None,
+        variance_epsilon=eps,
+    )
+    return Computed(output, gamma, beta)
+
+
+def _batch_norm_fused(x, gamma, beta, eps, layout):
+    """Batch-normalize x with FusedBatchNormV3 in training mode.
+
+    The op takes 4-D and 5-D input only. Rank-3 input gets a spatial axis of size 1
+    next to its own, which leaves each channel's elements and statistics unchanged.
+    Input of rank 6 or more reaches the op as it is, and the op rejects it.
+    """
+    rank = x.shape.rank
+    channels_first = layout == CHANNELS_FIRST
+    channels = x.shape[1] if channels_first else x.shape[-1]
+    expanded = x
+    if rank == 3:
+        expanded = tf.expand_dims(x, -1 if channels_first else -2)
+    if channels_first:
+        data_format = "NCHW" if expanded.shape.rank == 4 else "NCDHW"
+    else:
+        data_format = "NHWC" if expanded.shape.rank == 4 else "NDHWC"
+
+    # Scale and offset are float32 for float16 and bfloat16 x (the op's attribute
+    # U), and the op requires both even when affine is off.
+    parameter_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
+    scale = (
+        tf.cast(gamma, parameter_dtype)
+        if gamma is not None
+        else tf.ones([channels], parameter_dtype)
+    )
+    offset = (
+        tf.cast(beta, parameter_dtype)
+        if beta is not None
+        else tf.zeros([channels], parameter_dtype)
+    )
+    output, _, _ = FUSED_BATCH_NORM(
+        expanded,
+        scale,
+        offset,
+        epsilon=eps,
+        data_format=data_format,
+        is_training=True,
+    )
+    if rank == 3:
+        output = tf.reshape(output, x.shape)
+    # FusedBatchNormV3 declares epsilon as a float attribute, which is float32.
+    return Computed(output, gamma, beta, eps=float(np.float32(eps)))
+
+
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "keras-group-norm": (
         Implementation(
@@ -241,6 +377,66 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         ),
         _fused_batch_norm_reshape,
     ),
+    "group_norm.keras": (
+        Implementation(
+            "group_norm.keras",
+            "keras.layers.GroupNormalization(groups=G, axis=1 for channels-first or "
+            "-1 for channels-last input, epsilon=eps) with a dtype policy of the "
+            "tested dtype and center and scale off when affine is off; gamma and "
+            "beta are assigned to its weights (the layer computes float16 and "
+            "bfloat16 input in float32 and rounds the output)",
+            layouts=BOTH_LAYOUTS,
+            operator="group_norm",
+        ),
+        _group_norm_keras,
+    ),
+    "layer_norm.keras": (
+        Implementation(
+            "layer_norm.keras",
+            "keras.layers.LayerNormalization(axis=[the last normalized_ndim axes], "
+            "epsilon=eps) with a dtype policy of the tested dtype and center and "
+            "scale off when affine is off; gamma and beta are assigned to its "
+            "weights (the layer computes float16 and bfloat16 input in float32 "
+            "and rounds the output)",
+            operator="layer_norm",
+        ),
+        _layer_norm_keras,
+    ),
+    "batch_norm.keras": (
+        Implementation(
+            "batch_norm.keras",
+            "keras.layers.BatchNormalization(axis=1 for channels-first or -1 for "
+            "channels-last input, epsilon=eps) called with training=True, with a "
+            "dtype policy of the tested dtype and center and scale off when "
+            "affine is off; gamma and beta are assigned to its weights (the layer "
+            "computes float16 and bfloat16 input in float32 and rounds the output)",
+            layouts=BOTH_LAYOUTS,
+            operator="batch_norm",
+        ),
+        _batch_norm_keras,
+    ),
+    "batch_norm.moments": (
+        Implementation(
+            "batch_norm.moments",
+            "tf.nn.moments over the batch and spatial axes (keepdims) followed by "
+            "tf.nn.batch_normalization",
+            layouts=BOTH_LAYOUTS,
+            operator="batch_norm",
+        ),
+        _batch_norm_moments,
+    ),
+    "batch_norm.fused": (
+        Implementation(
+            "batch_norm.fused",
+            f"{FUSED_BATCH_NORM_NAME}(epsilon=eps, is_training=True) with "
+            "data_format NCHW or NCDHW for channels-first and NHWC or NDHWC for "
+            "channels-last input, ones and zeros for scale and offset when affine "
+            "is off; rank-3 input gets a spatial axis of size 1",
+            layouts=BOTH_LAYOUTS,
+            operator="batch_norm",
+        ),
+        _batch_norm_fused,
+    ),
 }
 
 FUSED_FLOAT64_REASON = (
@@ -248,6 +444,16 @@ FUSED_FLOAT64_REASON = (
     f"raises InvalidArgumentError in TensorFlow {tf.__version__} (its type "
     "attributes T and U do not allow double)"
 )
+
+
+def _operator_arguments(request: Request) -> dict[str, int]:
+    """Return the request fields that the implementation's forward takes as keywords."""
+    implementation, _ = IMPLEMENTATIONS[request.implementation]
+    if implementation.operator == "group_norm":
+        return {"groups": request.groups}
+    if implementation.operator == "layer_norm":
+        return {"normalized_ndim": request.normalized_ndim}
+    return {}
 
 
 def _tf_device(name: str) -> str:
@@ -304,7 +510,8 @@ class TensorFlowAdapter(Adapter):
     def unsupported_reason(
         self, implementation: str, device: str, dtype: str
     ) -> str | None:
-        if implementation == "fused-batch-norm-reshape" and dtype == "float64":
+        fused = ("fused-batch-norm-reshape", "batch_norm.fused")
+        if implementation in fused and dtype == "float64":
             return FUSED_FLOAT64_REASON
         return None
 
@@ -357,7 +564,14 @@ class TensorFlowAdapter(Adapter):
             for watched in (x, gamma, beta):
                 if watched is not None:
                     tape.watch(watched)
-            computed = forward(x, gamma, beta, request.eps, request.layout)
+            computed = forward(
+                x,
+                gamma,
+                beta,
+                request.eps,
+                request.layout,
+                **_operator_arguments(request),
+            )
         if not want:
             return computed, (None, None, None)
 

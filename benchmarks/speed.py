@@ -168,7 +168,7 @@ def install_stopwatch(stopwatch: Stopwatch) -> None:
     """Time normconf's parts of each item: the suite's functions are looked up
     through their modules at call time, so wrapping the module attributes
     reaches every call."""
-    from suites import test_instance_norm
+    from suites import test_normalization
 
     stopwatch.wrap(verdicts, "materialize", "inputs")
     stopwatch.wrap(verdicts, "catalogue_reference", "reference")
@@ -176,8 +176,8 @@ def install_stopwatch(stopwatch: Stopwatch) -> None:
     stopwatch.wrap(verdicts, "reference_from_inputs", "reference")
     stopwatch.wrap(verdicts, "judge_result", "judging")
     stopwatch.wrap(verdicts.isolation, "input_snapshot", "judging")
-    stopwatch.wrap(test_instance_norm, "record_verdicts", "records")
-    stopwatch.wrap(test_instance_norm, "rerun_command", "records")
+    stopwatch.wrap(test_normalization, "record_verdicts", "records")
+    stopwatch.wrap(test_normalization, "rerun_command", "records")
     stopwatch.wrap(verdicts, "build_request", "adapter")
     stopwatch.wrap(verdicts, "_run", "adapter")
 

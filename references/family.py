@@ -12,6 +12,8 @@ beta have the shape of those k axes: one value per element of a normalized slice
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from references import normalization
@@ -98,3 +100,133 @@ def layer_norm(
     _affine(normalized_shape, gamma, beta)
     axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
     return evaluate(x, gamma, beta, grad_output, eps, axes, axes)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One member of the family with its configuration, as the suite poses it.
+
+    Each member is the shared core run on a view of x, shaped (N, C, *spatial):
+    - instance_norm: x itself, reduced over the spatial axes, parameters per channel;
+    - batch_norm (training mode): x itself, reduced over the batch and spatial axes;
+    - group_norm: x viewed as (N, G, C / G, *spatial), reduced over axes 2 and on,
+      the per-channel parameters spanning axes 1 and 2 of the view;
+    - layer_norm: x itself, reduced over its last `normalized_ndim` axes, which the
+      elementwise parameters span.
+    """
+
+    name: str = "instance_norm"
+    groups: int | None = None
+    normalized_ndim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ValueError(f"unknown operator {self.name!r}; known: {NAMES}")
+        if (self.name == "group_norm") != (self.groups is not None):
+            raise ValueError("groups is given for group_norm, and only for it")
+        if (self.name == "layer_norm") != (self.normalized_ndim is not None):
+            raise ValueError("normalized_ndim is given for layer_norm, and only for it")
+
+    @property
+    def label(self) -> str:
+        """The operator with its configuration, as reports print it."""
+        if self.groups is not None:
+            return f"{self.name} (G = {self.groups})"
+        if self.normalized_ndim is not None:
+            return f"{self.name} (last {self.normalized_ndim} axes)"
+        return self.name
+
+    def view_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the shape of the view of x the core normalizes."""
+        if self.name != "group_norm":
+            return tuple(shape)
+        samples, channels = shape[:2]
+        if self.groups < 1 or channels % self.groups:
+            raise ValueError(f"{self.groups} groups do not divide {channels} channels")
+        return (samples, self.groups, channels // self.groups, *shape[2:])
+
+    def axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the reduction axes of the view of x of this shape."""
+        ndim = len(self.view_shape(shape))
+        if self.name == "batch_norm":
+            return (0, *range(2, ndim))
+        if self.name == "group_norm":
+            return tuple(range(2, ndim))
+        if self.name == "layer_norm":
+            if not 1 <= self.normalized_ndim < ndim:
+                raise ValueError(
+                    f"normalized_ndim {self.normalized_ndim} is not between 1 and "
+                    f"{ndim - 1} for x of rank {ndim}"
+                )
+            return tuple(range(ndim - self.normalized_ndim, ndim))
+        return tuple(range(2, ndim))
+
+    def spans(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the axes of the view that gamma and beta run along."""
+        if self.name == "group_norm":
+            return (1, 2)
+        if self.name == "layer_norm":
+            return self.axes(shape)
+        return (normalization.CHANNEL_AXIS,)
+
+    def parameter_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the shape of gamma and beta (and their gradients)."""
+        if self.name == "layer_norm":
+            return tuple(shape[len(shape) - self.normalized_ndim :])
+        return (shape[1],)
+
+    def views(
+        self,
+        x: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        grad_output: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """Return x, gamma, beta and grad_output reshaped to the view the core
+        normalizes (no copies)."""
+        if (gamma is None) != (beta is None):
+            raise ValueError("gamma and beta must both be given or both be None")
+        view = self.view_shape(np.shape(x))
+        parameters = tuple(view[axis] for axis in self.spans(np.shape(x)))
+        if gamma is not None:
+            gamma = np.reshape(gamma, parameters)
+            beta = np.reshape(beta, parameters)
+        return np.reshape(x, view), gamma, beta, np.reshape(grad_output, view)
+
+    def restore(self, expected: Expected, shape: tuple[int, ...]) -> Expected:
+        """Return a result computed on the view in the shapes of x and gamma;
+        `mean` and `rstd` keep the view's shape, reduced axes as size 1."""
+        if self.view_shape(shape) == tuple(shape):
+            return expected
+        parameters = self.parameter_shape(shape)
+        return Expected(
+            output=expected.output.reshape(shape),
+            grad_input=expected.grad_input.reshape(shape),
+            grad_gamma=_reshaped(expected.grad_gamma, parameters),
+            grad_beta=_reshaped(expected.grad_beta, parameters),
+            mean=expected.mean,
+            rstd=expected.rstd,
+            xhat=expected.xhat.reshape(shape),
+        )
+
+    def evaluate(
+        self,
+        x: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        grad_output: np.ndarray,
+        eps: float,
+    ) -> Expected:
+        """Return the operator's output and gradients, in the shapes of x and gamma."""
+        shape = np.shape(x)
+        views = self.views(x, gamma, beta, grad_output)
+        expected = evaluate(*views, eps, self.axes(shape), self.spans(shape))
+        return self.restore(expected, shape)
+
+
+def _reshaped(array: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    return None if array is None else array.reshape(shape)
+
+
+NAMES = ("instance_norm", "group_norm", "layer_norm", "batch_norm")
+INSTANCE_NORM = Operator()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from references.family import Operator
 from suites import dtypes
 
 
@@ -149,6 +150,11 @@ class Case:
 
     `rejection_allowed` is True if a framework that raises on this input still
     conforms, and `rejection_reason` gives the reason.
+
+    Every operator of the family runs every case. `groups` is GroupNorm's group
+    count (default: the smallest divisor of C between 1 and C, else 1) and
+    `normalized_ndim` LayerNorm's number of normalized axes (default: all but the
+    batch axis). The descriptions speak of InstanceNorm's (n, c) slices.
     """
 
     name: str
@@ -167,10 +173,41 @@ class Case:
     # The dtypes the case is posed in, and why not in the others.
     posed_in: tuple[str, ...] = dtypes.DTYPES
     posed_reason: str = ""
+    groups: int | None = None
+    normalized_ndim: int | None = None
 
     @property
     def channels(self) -> int:
         return self.shape[1]
+
+    def operator(self, name: str) -> Operator:
+        """Return the operator `name` configured for this case."""
+        if name == "group_norm":
+            groups = self.groups
+            if groups is None:
+                divisors = [
+                    g for g in range(2, self.channels) if self.channels % g == 0
+                ]
+                groups = divisors[0] if divisors else 1
+            return Operator(name, groups=groups)
+        if name == "layer_norm":
+            ndim = self.normalized_ndim or len(self.shape) - 1
+            return Operator(name, normalized_ndim=ndim)
+        return Operator(name)
+
+    def unposed_reason(self, operator: Operator) -> str | None:
+        """Return why the case is not posed for the operator, or None if it is."""
+        if operator.name == "layer_norm" and self.layout != "channels_first":
+            return (
+                "LayerNorm normalizes the trailing axes of the (N, C, *spatial) "
+                "array, so the suite poses it in channels_first only"
+            )
+        if self.large and 0 in operator.axes(self.shape):
+            return (
+                f"{operator.name} reduces over the batch, and the suite judges a "
+                f"case beyond {CHUNK_ELEMENTS} elements a group of samples at a time"
+            )
+        return None
 
     @property
     def reduction_length(self) -> int:
@@ -227,24 +264,29 @@ def _stream(seed: int, case_name: str, role: str) -> np.random.Generator:
     return np.random.default_rng(key)
 
 
-def generate_float64(case: Case, seed: int) -> dict[str, np.ndarray]:
-    """Draw the case's float64 inputs, one independent stream per input."""
-    channels = (case.channels,)
+def generate_float64(
+    case: Case, seed: int, parameter_shape: tuple[int, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Draw the case's float64 inputs, one independent stream per input. gamma and
+    beta have shape (C,) unless `parameter_shape` says otherwise (LayerNorm)."""
+    parameters = parameter_shape or (case.channels,)
     return {
         "x": case.x.generate(_stream(seed, case.name, "x"), case.shape),
-        "gamma": case.gamma.generate(_stream(seed, case.name, "gamma"), channels),
-        "beta": case.beta.generate(_stream(seed, case.name, "beta"), channels),
+        "gamma": case.gamma.generate(_stream(seed, case.name, "gamma"), parameters),
+        "beta": case.beta.generate(_stream(seed, case.name, "beta"), parameters),
         "grad_output": case.grad_output.generate(
             _stream(seed, case.name, "grad_output"), case.shape
         ),
     }
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_float64(case: Case, seed: int) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _cached_float64(
+    case: Case, seed: int, parameter_shape: tuple[int, ...] | None = None
+) -> dict[str, np.ndarray]:
     """generate_float64 for a case within CHUNK_ELEMENTS, kept while the items
     of its dtypes run one after another (suites.plugin orders them so)."""
-    raw = generate_float64(case, seed)
+    raw = generate_float64(case, seed, parameter_shape)
     for array in raw.values():
         array.flags.writeable = False
     return raw
@@ -266,13 +308,16 @@ def _generate_rounded(
 
 
 @functools.lru_cache(maxsize=8)
-def materialize(case: Case, dtype: str, seed: int) -> Inputs:
-    """Return the case's inputs rounded to `dtype` (gamma = beta = None for affine off).
+def materialize(
+    case: Case, dtype: str, seed: int, parameter_shape: tuple[int, ...] | None = None
+) -> Inputs:
+    """Return the case's inputs rounded to `dtype` (gamma = beta = None for affine off),
+    gamma and beta of shape (C,) or `parameter_shape`.
 
     The arrays are shared between callers through the cache: treat them as read-only.
     """
     if case.large:
-        channels = (case.channels,)
+        channels = parameter_shape or (case.channels,)
         rounded = {
             name: _generate_rounded(
                 getattr(case, name), _stream(seed, case.name, name), case.shape, dtype
@@ -284,7 +329,7 @@ def materialize(case: Case, dtype: str, seed: int) -> Inputs:
             values = generator.generate(_stream(seed, case.name, name), channels)
             rounded[name] = dtypes.round_to(values, dtype)
     else:
-        raw = _cached_float64(case, seed)
+        raw = _cached_float64(case, seed, parameter_shape)
         rounded = {name: dtypes.round_to(values, dtype) for name, values in raw.items()}
     for array in rounded.values():
         array.flags.writeable = False
@@ -294,6 +339,13 @@ def materialize(case: Case, dtype: str, seed: int) -> Inputs:
         beta=rounded["beta"] if case.affine else None,
         grad_output=rounded["grad_output"],
     )
+
+
+def operator_inputs(case: Case, dtype: str, seed: int, operator: Operator) -> Inputs:
+    """Return materialize's inputs with gamma and beta shaped for the operator; the
+    operators with per-channel parameters share one cache entry."""
+    shape = operator.parameter_shape(case.shape)
+    return materialize(case, dtype, seed, None if shape == (case.channels,) else shape)
 
 
 M1_REASON = (
@@ -479,6 +531,35 @@ CATALOGUE: tuple[Case, ...] = (
         "upstream gradient all ones: the exact dx is zero",
         (2, 3, 6, 6),
         grad_output=Constant(1.0),
+    ),
+    Case(
+        "groups-2-of-6",
+        "family",
+        "six channels in GroupNorm's two groups of three; the other operators see "
+        "normal x",
+        (2, 6, 5, 5),
+        groups=2,
+    ),
+    Case(
+        "groups-per-channel",
+        "family",
+        "GroupNorm with one group per channel, which is InstanceNorm",
+        (2, 4, 5, 5),
+        groups=4,
+    ),
+    Case(
+        "layer-last-axis",
+        "family",
+        "LayerNorm over the last axis only (a hidden size of 96), elementwise gamma "
+        "and beta",
+        (3, 5, 96),
+        normalized_ndim=1,
+    ),
+    Case(
+        "batch-of-one",
+        "family",
+        "one sample: BatchNorm's channel statistics are its (0, c) slice's",
+        (1, 3, 6, 6),
     ),
 )
 

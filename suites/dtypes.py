@@ -27,6 +27,15 @@ MAX_FINITE = {
 
 DTYPES = tuple(UNIT_ROUNDOFF)
 
+# The spacing of each dtype's subnormal numbers: rounding a result below the smallest
+# normal number to the dtype may move it by half of this, whatever its magnitude.
+SMALLEST_SUBNORMAL = {
+    "float64": 2.0**-1074,
+    "float32": 2.0**-149,
+    "float16": 2.0**-24,
+    "bfloat16": 2.0**-133,
+}
+
 # The smallest float64 magnitude that round_to() turns into an infinity, or None
 # where no finite float64 value overflows. For direct rounding to nearest it is the
 # largest finite value plus half its spacing, (2 - u) * 2^emax. round_to() rounds to

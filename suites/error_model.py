@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from references import normalization
+from references.family import INSTANCE_NORM, Operator
 from references.instance_norm import Expected
 from suites import dtypes
 
@@ -77,16 +78,24 @@ def budget(quantity: str, dtype: str, reduction_length: int) -> float:
     return base + growth * math.sqrt(max(reduction_length, 1))
 
 
-def budget_reduction_length(quantity: str, shape: tuple[int, ...]) -> int:
+def budget_reduction_length(
+    quantity: str, shape: tuple[int, ...], operator: Operator = INSTANCE_NORM
+) -> int:
     """Return the length of the reduction behind `quantity` for x of this shape.
 
-    The output and grad_input reduce over one slice (M elements). The parameter
-    gradients reduce over the batch and the slice (N * M elements).
+    The output and grad_input reduce over one slice (M elements). A parameter
+    gradient sums over every axis its parameter does not run along, and each term
+    carries the error of its slice's statistics, so its length is the longer of
+    the two: N * M for InstanceNorm and BatchNorm.
     """
-    m = int(np.prod(shape[2:], dtype=np.int64))
-    if quantity in ("grad_gamma", "grad_beta"):
-        return int(shape[0]) * m
-    return m
+    view = operator.view_shape(tuple(shape))
+    axes = operator.axes(tuple(shape))
+    slice_length = int(np.prod([view[axis] for axis in axes], dtype=np.int64))
+    if quantity not in ("grad_gamma", "grad_beta"):
+        return slice_length
+    spans = operator.spans(tuple(shape))
+    shared = [view[axis] for axis in range(len(view)) if axis not in spans]
+    return max(int(np.prod(shared, dtype=np.int64)), slice_length)
 
 
 def scales(
@@ -95,20 +104,28 @@ def scales(
     beta: np.ndarray | None,
     grad_output: np.ndarray,
     expected: Expected,
+    axes: tuple[int, ...] | None = None,
+    spans: tuple[int, ...] = (normalization.CHANNEL_AXIS,),
 ) -> dict[str, np.ndarray]:
-    """Return the forward-error scale of every element of every quantity."""
+    """Return the forward-error scale of every element of every quantity.
+
+    x is normalized over `axes` (default: the spatial axes, as InstanceNorm does)
+    and gamma and beta run along the axes `spans` of x; operator_scales handles the
+    views that GroupNorm needs.
+    """
     x = normalization.as_float64(x)
     dy = normalization.as_float64(grad_output)
     ndim = x.ndim
-    axes = tuple(range(2, ndim))
-    m = int(np.prod(x.shape[2:], dtype=np.int64))
-    channels = x.shape[normalization.CHANNEL_AXIS]
+    if axes is None:
+        axes = tuple(range(2, ndim))
+    m = normalization.reduction_length(x.shape, axes)
+    parameters = tuple(x.shape[axis] for axis in spans)
 
     abs_gamma = normalization.broadcast_parameter(
-        np.abs(gamma) if gamma is not None else np.ones(channels), ndim
+        np.abs(gamma) if gamma is not None else np.ones(parameters), ndim, spans
     )
     abs_beta = normalization.broadcast_parameter(
-        np.abs(beta) if beta is not None else np.zeros(channels), ndim
+        np.abs(beta) if beta is not None else np.zeros(parameters), ndim, spans
     )
 
     with np.errstate(invalid="ignore", over="ignore"):
@@ -122,7 +139,7 @@ def scales(
         # The last term is first order in the errors of xhat * sum(g * xhat):
         # |xhat| times the error of the sum plus the error of xhat times the sum.
         product_scale = abs_xhat * sum_abs_g_s + s * sum_abs_g_xhat
-        shared = normalization.parameter_axes(ndim)
+        shared = normalization.parameter_axes(ndim, spans)
 
         result = {
             "output": abs_gamma * s + abs_beta,
@@ -144,18 +161,22 @@ def parameter_scale_parts(
     axes: tuple[int, ...],
     shared: tuple[int, ...],
 ) -> dict[str, np.ndarray]:
-    """Return the two sums, per channel, from which parameter_scale makes each
-    parameter gradient's scale. Both add over samples, so a batch judged a group
-    of samples at a time adds its groups' parts.
+    """Return the two sums, per parameter element, from which parameter_scale
+    makes each parameter gradient's scale. Both add over samples, so a batch
+    judged a group of samples at a time adds its groups' parts.
 
     grad_beta = sum(dy):    sum = sum(dy) (signed), squares = sum(dy^2)
     grad_gamma = sum(dy * xhat):
         sum = sum over slices of |sum(dy)| * mean|x| * rstd + |sum(dy * xhat)|
         squares = sum((dy * s)^2)
+
+    The inner sums run over the reduction axes that the parameter is shared over
+    (for LayerNorm, whose parameters run along every reduction axis, over none).
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        slice_dy = np.sum(dy, axis=axes, keepdims=True)
-        slice_dy_xhat = np.sum(dy * expected.xhat, axis=axes, keepdims=True)
+        inner = tuple(axis for axis in axes if axis in shared)
+        slice_dy = np.sum(dy, axis=inner, keepdims=True)
+        slice_dy_xhat = np.sum(dy * expected.xhat, axis=inner, keepdims=True)
         # One error per slice, from the slice's mean (about mean|x| relative) and
         # its rstd, reaches every element of the slice alike, so its effect on the
         # sum is that error times the slice's sum, not times sum(|dy|).
@@ -207,16 +228,27 @@ class Comparison:
 
 
 def normalized_errors(
-    got: np.ndarray, expected: np.ndarray, scale: np.ndarray, dtype: str
+    got: np.ndarray,
+    expected: np.ndarray,
+    scale: np.ndarray,
+    dtype: str,
+    stored: str | None = None,
 ) -> np.ndarray:
-    """Return |got - expected| / (scale * u) per element.
+    """Return |got - expected| / (scale * u) per element, in units of `dtype`.
 
+    The difference first loses half the subnormal spacing of `stored`, the dtype
+    the result is stored in (default `dtype`): rounding an exact value below the
+    smallest normal number moves it by up to that much, an error no scale
+    proportional to the value covers. (torch 2.13.0's float16 LayerNorm returns the
+    correctly rounded 2^-24 for a grad_gamma element whose exact value is 5.5e-8,
+    an error of 17.8 u without this allowance.)
     Where expected is NaN or infinite, got must match it exactly (error 0, else inf).
     Where the scale is zero, only an exact match is correct.
     """
     got = normalization.as_float64(got)
     expected = normalization.as_float64(expected)
     unit = dtypes.COMPUTE_UNIT_ROUNDOFF[dtype]
+    allowance = dtypes.SMALLEST_SUBNORMAL[stored or dtype] / 2
 
     # In place, in few passes: this runs four times per item, on up to 2^19
     # elements. Only elements whose error is not finite need the rules below,
@@ -224,6 +256,8 @@ def normalized_errors(
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         errors = np.subtract(got, expected)
         np.abs(errors, out=errors)
+        np.subtract(errors, allowance, out=errors)
+        np.maximum(errors, 0.0, out=errors)
         errors /= np.multiply(scale, unit)
     special = ~np.isfinite(errors)
     if special.any():
@@ -245,17 +279,19 @@ def compare(
     dtype: str,
     shape: tuple[int, ...],
     units: str | None = None,
+    operator: Operator = INSTANCE_NORM,
 ) -> Comparison:
-    """Judge one quantity; `shape` is the shape of x, which sets the budget.
+    """Judge one quantity; `shape` is the shape of x, which with the operator
+    sets the budget.
 
     Errors are in units of the roundoff of `units` (default: `dtype`), and the
     budget is the tested dtype's entry of BUDGET.
     """
-    limit = budget(quantity, dtype, budget_reduction_length(quantity, shape))
+    limit = budget(quantity, dtype, budget_reduction_length(quantity, shape, operator))
     if expected.size == 0:
         return Comparison(0.0, limit, None, None, None, False)
 
-    errors = normalized_errors(got, expected, scale, units or dtype)
+    errors = normalized_errors(got, expected, scale, units or dtype, dtype)
     # An exact value beyond the dtype's range rounds to an infinity, which is then
     # the one correct result (sum(dy) over 2^18 elements overflows float16).
     # Rounding the whole array costs more than the rest of the comparison, so it

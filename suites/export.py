@@ -166,6 +166,7 @@ def case_fields(case: Case, dtype: str, seed: int) -> dict:
         "rejection_allowed": case.rejection_allowed,
         "rejection_reason": case.rejection_reason,
         "unit_roundoff": dtypes.UNIT_ROUNDOFF[dtype],
+        "subnormal_allowance": dtypes.SMALLEST_SUBNORMAL[dtype] / 2,
     }
 
 
@@ -174,6 +175,9 @@ def error_model_constants() -> dict:
     return {
         "quantities": list(error_model.QUANTITIES),
         "unit_roundoff": dict(dtypes.UNIT_ROUNDOFF),
+        "subnormal_allowance": {
+            dtype: spacing / 2 for dtype, spacing in dtypes.SMALLEST_SUBNORMAL.items()
+        },
         "budget_formula": "base + growth * sqrt(max(L, 1))",
         "budget": {
             quantity: {

@@ -27,7 +27,7 @@ SUITES_DIR = Path(__file__).resolve().parent
 DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECORDS_KEY = "normconf_records"
 # Part of the node id of every conformance item.
-CONFORMANCE_TEST = "::test_instance_norm["
+CONFORMANCE_TEST = "::test_normalization["
 # The ONNX Runtime adapter reads its providers from this variable, which worker
 # processes inherit; --ort-providers sets it.
 ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
@@ -512,6 +512,7 @@ def targets(config: pytest.Config) -> list[Target]:
                     dtype,
                     case,
                     seed,
+                    case.operator(implementation.operator),
                 )
                 expanded.append(Target(adapter, implementation, device, item))
     return expanded
@@ -590,8 +591,9 @@ def record_verdicts(
     source = state.sources[target.adapter.framework]
     summary = None
     if inputs is not None:
+        item = target.item
         summary = report.cached_inputs_summary(
-            target.item.case, target.item.dtype, target.item.seed
+            item.case, item.dtype, item.seed, item.operator
         )
     for row in rows:
         row["command"] = command
@@ -602,8 +604,11 @@ def record_verdicts(
         index = row["worst_index"]
         row["worst_slice"] = None
         if inputs is not None and index:
+            # InstanceNorm's slice is set by (sample, channel) alone, and more
+            # of its items share it so.
+            key = tuple(index[:2] if item.operator.name == "instance_norm" else index)
             row["worst_slice"] = report.cached_worst_slice(
-                target.item.case, target.item.dtype, target.item.seed, tuple(index[:2])
+                item.case, item.dtype, item.seed, key, item.operator
             )
     node.user_properties.append((RECORDS_KEY, rows))
     return rows

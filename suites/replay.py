@@ -35,8 +35,9 @@ import numpy as np
 
 from adapters import registry
 from adapters.contract import LAYOUTS, Implementation
+from references.family import INSTANCE_NORM, Operator
 from suites import dtypes, files
-from suites.cases import Case, Inputs, materialize
+from suites.cases import Case, Inputs
 from suites.verdicts import (
     AdapterMethodError,
     Item,
@@ -44,6 +45,7 @@ from suites.verdicts import (
     build_request,
     error_records,
     from_layout,
+    item_inputs,
     json_number,
     run_item,
     unsupported_reason,
@@ -102,7 +104,7 @@ def write_bundle(
     """
     bundle = directory / bundle_name(item.item_id)
     bundle.mkdir(parents=True, exist_ok=True)
-    inputs = materialize(item.case, item.dtype, item.seed)
+    inputs = item_inputs(item)
     request = build_request(item, inputs, implementation.gradients)
     arrays = {"x": request.x, "grad_output": request.grad_output}
     if request.affine:
@@ -119,6 +121,9 @@ def write_bundle(
         "builtin": name if kind == "framework" else None,
         "framework_version": adapter.version(),
         "implementation": item.implementation,
+        "op": item.operator.name,
+        "groups": item.operator.groups,
+        "normalized_ndim": item.operator.normalized_ndim,
         "device": item.device,
         "dtype": item.dtype,
         "layout": item.case.layout,
@@ -160,6 +165,7 @@ class Bundle:
     metadata: dict
     case: Case
     inputs: Inputs
+    operator: Operator = INSTANCE_NORM
 
 
 # item.json fields that replay reads, with their JSON types.
@@ -273,10 +279,16 @@ def load_bundle(path: Path) -> Bundle:
                 f"{name} has shape {array.shape} in (N, C, *spatial) order; "
                 f"item.json gives {shape}"
             )
+    operator = _operator(path, metadata)
+    try:
+        parameters = operator.parameter_shape(shape)
+        operator.axes(shape)
+    except ValueError as error:
+        raise BundleError(f"{path / ITEM_FILE}: {error}") from error
     for name in names - {"x", "grad_output"}:
-        if arrays[name].shape != (shape[1],):
+        if arrays[name].shape != parameters:
             raise BundleError(
-                f"{name} has shape {arrays[name].shape}, expected ({shape[1]},)"
+                f"{name} has shape {arrays[name].shape}, expected {parameters}"
             )
     for array in (x, grad_output, *arrays.values()):
         array.flags.writeable = False
@@ -298,7 +310,21 @@ def load_bundle(path: Path) -> Bundle:
         beta=arrays.get("beta"),
         grad_output=grad_output,
     )
-    return Bundle(path, metadata, case, inputs)
+    return Bundle(path, metadata, case, inputs, operator)
+
+
+def _operator(path: Path, metadata: dict) -> Operator:
+    """Return the bundle's operator; bundles written before the family existed
+    have no `op` field and hold InstanceNorm items."""
+    name = metadata.get("op", "instance_norm")
+    try:
+        return Operator(
+            name,
+            groups=metadata.get("groups"),
+            normalized_ndim=metadata.get("normalized_ndim"),
+        )
+    except (ValueError, TypeError) as error:
+        raise BundleError(f"{path / ITEM_FILE}: invalid operator: {error}") from error
 
 
 class ReplayError(Exception):
@@ -348,7 +374,14 @@ def replay(bundle: Bundle, adapter: object) -> list[Record]:
         metadata["dtype"],
         bundle.case,
         metadata["seed"],
+        bundle.operator,
     )
+    if implementation.operator != bundle.operator.name:
+        raise ReplayError(
+            f"implementation {implementation.name!r} computes "
+            f"{implementation.operator}, but the bundle holds a "
+            f"{bundle.operator.name} item"
+        )
     try:
         reason = unsupported_reason(adapter, implementation, device, item)
     except AdapterMethodError as error:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from references.family import INSTANCE_NORM, Operator
 from suites import cases, files
-from suites.cases import Case, Inputs, materialize, sample_chunks
+from suites.cases import Case, Inputs, operator_inputs, sample_chunks
 from suites.verdicts import VERDICTS, json_number
 
 SCHEMA = "normconf-report"
@@ -124,37 +125,80 @@ def inputs_summary(case: Case, seed: int, inputs: Inputs) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_inputs_summary(case: Case, dtype: str, seed: int) -> dict:
-    """Return inputs_summary of the catalogue inputs of (case, dtype, seed), which
-    every implementation and device tested on them shares. Treat it as read-only."""
-    return inputs_summary(case, seed, materialize(case, dtype, seed))
+def cached_inputs_summary(
+    case: Case, dtype: str, seed: int, operator: Operator = INSTANCE_NORM
+) -> dict:
+    """Return inputs_summary of the catalogue inputs of (case, dtype, seed) for the
+    operator, which every implementation and device tested on them shares. Treat
+    it as read-only."""
+    return inputs_summary(case, seed, operator_inputs(case, dtype, seed, operator))
 
 
-def worst_slice(inputs: Inputs, worst_index: list[int] | None) -> dict | None:
+def worst_slice(
+    inputs: Inputs, worst_index: list[int] | None, operator: Operator = INSTANCE_NORM
+) -> dict | None:
     """Return a summary of the x values that share the worst element's
-    normalization slice: slice (n, c) for an element of the output or grad_input,
-    channel c across the batch for an element of grad_gamma or grad_beta."""
+    normalization: for InstanceNorm, slice (n, c) for an element of the output or
+    grad_input, channel c across the batch for an element of grad_gamma or
+    grad_beta. `where` says which values, in words."""
     if not worst_index:
         return None
-    if len(worst_index) == 1:
+    x = inputs.x
+    if operator.name == "instance_norm":
+        if len(worst_index) == 1:
+            channel = worst_index[0]
+            return {
+                "where": f"channel {channel}, all samples",
+                "channel": channel,
+                "x": array_summary(x[:, channel]),
+            }
+        sample, channel = worst_index[:2]
+        return {
+            "where": f"sample {sample}, channel {channel}",
+            "sample": sample,
+            "channel": channel,
+            "x": array_summary(x[sample, channel]),
+        }
+    if len(worst_index) != x.ndim:
+        # A parameter gradient's element sums over every axis its parameter does
+        # not run along.
+        if operator.name == "layer_norm":
+            key = (slice(None),) * (x.ndim - len(worst_index)) + tuple(worst_index)
+            where = f"element {tuple(worst_index)} of every sample"
+            return {"where": where, "x": array_summary(x[key])}
         channel = worst_index[0]
-        return {"channel": channel, "x": array_summary(inputs.x[:, channel])}
+        where = f"channel {channel}, all samples"
+        return {"where": where, "channel": channel, "x": array_summary(x[:, channel])}
     sample, channel = worst_index[:2]
-    return {
-        "sample": sample,
-        "channel": channel,
-        "x": array_summary(inputs.x[sample, channel]),
-    }
+    if operator.name == "batch_norm":
+        where = f"channel {channel}, all samples"
+        return {"where": where, "channel": channel, "x": array_summary(x[:, channel])}
+    if operator.name == "layer_norm":
+        kept = x.ndim - operator.normalized_ndim
+        key = tuple(worst_index[:kept])
+        return {"where": f"index {key}", "x": array_summary(x[key])}
+    size = x.shape[1] // operator.groups
+    first = channel // size * size
+    where = (
+        f"sample {sample}, group {channel // size} (channels {first} to "
+        f"{first + size - 1})"
+    )
+    return {"where": where, "x": array_summary(x[sample, first : first + size])}
 
 
 @functools.lru_cache(maxsize=256)
 def cached_worst_slice(
-    case: Case, dtype: str, seed: int, slice_index: tuple[int, ...]
+    case: Case,
+    dtype: str,
+    seed: int,
+    worst_index: tuple[int, ...],
+    operator: Operator = INSTANCE_NORM,
 ) -> dict:
-    """Return worst_slice for the catalogue inputs of (case, dtype, seed) and the
-    slice index (sample, channel) or (channel,): implementations tested on the
-    same inputs often share their worst slice. Treat it as read-only."""
-    return worst_slice(materialize(case, dtype, seed), list(slice_index))
+    """Return worst_slice for the catalogue inputs of (case, dtype, seed), the
+    operator and the worst element's index: implementations tested on the same
+    inputs often share their worst slice. Treat it as read-only."""
+    inputs = operator_inputs(case, dtype, seed, operator)
+    return worst_slice(inputs, list(worst_index), operator)
 
 
 def build(

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.contract import OPERATORS
 from suites import cases, files, report
 from suites.verdicts import VERDICTS, json_number
 
@@ -496,6 +497,35 @@ def _matrix_lines(results: list[dict]) -> list[str]:
     return _table(header, rows)
 
 
+def operator_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Return the header and rows of the table of operators by framework: each
+    cell gives the framework's implementations of that operator and their records
+    per verdict, or says that it has none. Every operator of the family has a
+    column, so a framework's gaps show."""
+    frameworks = sorted({record["framework"] for record in results})
+    implementations: dict[tuple[str, str], set[str]] = {}
+    counts: dict[tuple[str, str], Counter] = {}
+    for record in results:
+        cell = (record["framework"], record.get("op", "instance_norm"))
+        implementations.setdefault(cell, set()).add(record["implementation"])
+        counts.setdefault(cell, Counter())[record["verdict"]] += 1
+    operators = [*OPERATORS, *sorted({op for _, op in counts} - set(OPERATORS))]
+    rows = []
+    for framework in frameworks:
+        row = [framework]
+        for operator in operators:
+            names = implementations.get((framework, operator))
+            if not names:
+                row.append("none")
+                continue
+            row.append(
+                f"{len(names)} implementation{'s' if len(names) > 1 else ''}: "
+                f"{_format_counts(counts[framework, operator])}"
+            )
+        rows.append(row)
+    return ["framework / operator", *operators], rows
+
+
 def _item_line(record: dict) -> str:
     item = " ".join(
         [f"{record['framework']}/{record['implementation']}"]
@@ -561,6 +591,22 @@ def render_markdown(document: dict) -> str:
         "",
     ]
     lines += _table(list(VERDICTS), [[str(summary[verdict]) for verdict in VERDICTS]])
+
+    lines += ["", "## Operators", ""]
+    lines += [
+        "Records per verdict of each framework's implementations of each operator; "
+        "none means the framework's adapter declares no implementation of it.",
+        "",
+    ]
+    header, rows = operator_table(results)
+    lines += (
+        _table(
+            [escape(name) for name in header],
+            [[escape(c) for c in row] for row in rows],
+        )
+        if rows
+        else ["No records."]
+    )
 
     lines += ["", "## Verdicts by case group", ""]
     legend = ", ".join(
@@ -1080,9 +1126,9 @@ HTML_SCRIPT = """
     });
     const slice = record.worst_slice;
     if (slice) {
-      const where = slice.sample === undefined ?
+      const where = slice.where || (slice.sample === undefined ?
         "channel " + slice.channel + ", all samples" :
-        "sample " + slice.sample + ", channel " + slice.channel;
+        "sample " + slice.sample + ", channel " + slice.channel);
       rows.push(["x at worst", where + ": " + arraySummary(slice.x)]);
     }
     return rows;
@@ -1322,6 +1368,21 @@ def _html_legend() -> str:
     )
 
 
+def _html_operator_table(results: list[dict]) -> list[str]:
+    """Return the operators-by-framework table (operator_table) as HTML."""
+    header, rows = operator_table(results)
+    if not rows:
+        return []
+    lines = ['<table class="operators">', "<tr>"]
+    lines += [f"<th>{html.escape(name)}</th>" for name in header]
+    lines += ["</tr>"]
+    for row in rows:
+        cells = "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
+        lines.append(f"<tr>{cells}</tr>")
+    lines.append("</table>")
+    return ["<h2>Operators</h2>", *lines]
+
+
 def render_html(document: dict) -> str:
     """Return a self-contained HTML page of a merged report document: a heatmap of
     framework implementation by case with filters and per-record detail. The page
@@ -1365,6 +1426,7 @@ def render_html(document: dict) -> str:
         "<ul>",
         *(framework_items or ["<li>No records.</li>"]),
         "</ul>",
+        *_html_operator_table(results),
         _html_legend(),
         *_html_filters(results),
         *_html_heatmap(results, ratios, columns),

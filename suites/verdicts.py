@@ -22,11 +22,19 @@ import numpy as np
 
 from adapters.contract import Device, Implementation, Rejected, Request, Result
 from references import instance_norm as reference
+from references.family import INSTANCE_NORM, Operator
 from suites import dtypes, error_model, isolation
-from suites.cases import CHUNK_ELEMENTS, Case, Inputs, materialize, sample_chunks
+from suites.cases import (
+    CHUNK_ELEMENTS,
+    Case,
+    Inputs,
+    materialize,
+    operator_inputs,
+    sample_chunks,
+)
 
 VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
-OP = "instance_norm"
+OP = INSTANCE_NORM.name
 
 
 @dataclass
@@ -66,11 +74,15 @@ class Record:
 
 @functools.lru_cache(maxsize=8)
 def catalogue_reference(
-    case: Case, dtype: str, seed: int, eps: float | None = None
+    case: Case,
+    dtype: str,
+    seed: int,
+    eps: float | None = None,
+    operator: Operator = INSTANCE_NORM,
 ) -> tuple[reference.Expected, dict[str, np.ndarray]]:
-    """Return the float64 reference and the error scales for the case's inputs
-    rounded to `dtype`, with the case's eps or, when given, the eps the framework
-    received.
+    """Return the operator's float64 reference and the error scales for the case's
+    inputs rounded to `dtype`, with the case's eps or, when given, the eps the
+    framework received.
 
     Cached so that every implementation and device tested in this dtype shares it.
     A case larger than CHUNK_ELEMENTS has no whole reference: see reference_pieces.
@@ -80,8 +92,8 @@ def catalogue_reference(
             f"case {case.name} has {case.elements} elements, more than the "
             f"{CHUNK_ELEMENTS} of a whole reference: use reference_pieces"
         )
-    inputs = materialize(case, dtype, seed)
-    return reference_from_inputs(inputs, case.eps if eps is None else eps)
+    inputs = operator_inputs(case, dtype, seed, operator)
+    return reference_from_inputs(inputs, case.eps if eps is None else eps, operator)
 
 
 # The formats in which a framework's interface may store eps, as ONNX stores its
@@ -138,6 +150,7 @@ class Item:
     dtype: str
     case: Case
     seed: int
+    operator: Operator = INSTANCE_NORM
 
     @property
     def item_id(self) -> str:
@@ -153,7 +166,7 @@ class Item:
 
     def record(self, quantity: str, verdict: str, conforming: bool, message: str, **kw):
         return Record(
-            op=OP,
+            op=self.operator.name,
             framework=self.framework,
             implementation=self.implementation,
             device=self.device,
@@ -199,16 +212,24 @@ def _check_array(
 
 
 def reference_from_inputs(
-    inputs: Inputs, eps: float
+    inputs: Inputs, eps: float, operator: Operator = INSTANCE_NORM
 ) -> tuple[reference.Expected, dict[str, np.ndarray]]:
-    """Return the float64 reference and the error scales for the given inputs."""
-    expected = reference.instance_norm(
-        inputs.x, inputs.gamma, inputs.beta, inputs.grad_output, eps
-    )
-    scale = error_model.scales(
-        inputs.x, inputs.gamma, inputs.beta, inputs.grad_output, expected
-    )
-    return expected, scale
+    """Return the operator's float64 reference and the error scales for the given
+    inputs, in the shapes of x and gamma."""
+    shape = inputs.x.shape
+    views = operator.views(inputs.x, inputs.gamma, inputs.beta, inputs.grad_output)
+    axes, spans = operator.axes(shape), operator.spans(shape)
+    expected = reference.evaluate(*views, eps, axes, spans)
+    scale = error_model.scales(*views, expected, axes, spans)
+    if operator.view_shape(shape) != shape:
+        parameters = operator.parameter_shape(shape)
+        scale = {
+            name: array.reshape(
+                shape if array.ndim == len(views[0].shape) else parameters
+            )
+            for name, array in scale.items()
+        }
+    return operator.restore(expected, shape), scale
 
 
 def judge_result(
@@ -250,7 +271,11 @@ def judge_result(
     arrays: dict[str, np.ndarray] = {}
     for quantity in quantities:
         x_shaped = quantity in ("output", "grad_input")
-        shape = layout_shape(x_shape, layout) if x_shaped else (x_shape[1],)
+        shape = (
+            layout_shape(x_shape, layout)
+            if x_shaped
+            else item.operator.parameter_shape(x_shape)
+        )
         got = getattr(result, quantity)
         problem = _check_array(quantity, got, shape)
         if problem is None and result_dtype is not None and result_dtype != dtype:
@@ -299,6 +324,7 @@ def judge_result(
                 dtype,
                 x_shape,
                 units,
+                item.operator,
             )
             if comparison.index is not None and start:
                 index = (comparison.index[0] + start, *comparison.index[1:])
@@ -315,7 +341,14 @@ def judge_result(
             else error_model.parameter_scale(total, squares)
         )
         comparisons[quantity] = error_model.compare(
-            quantity, arrays[quantity], exact, scale_of, dtype, x_shape, units
+            quantity,
+            arrays[quantity],
+            exact,
+            scale_of,
+            dtype,
+            x_shape,
+            units,
+            item.operator,
         )
 
     if all_nan and exact_finite:
@@ -360,14 +393,21 @@ def reference_pieces(item: Item, eps: float | None, inputs: Inputs | None = None
     computation gives. The pieces' grad_gamma and grad_beta, and the parts of
     their scales, are partial sums over their samples.
     """
-    case = item.case
+    case, operator = item.case, item.operator
     use_eps = case.eps if eps is None else eps
     if inputs is None and not case.large:
-        expected, scale = catalogue_reference(case, item.dtype, item.seed, eps)
+        expected, scale = catalogue_reference(
+            case, item.dtype, item.seed, eps, operator
+        )
         yield 0, case.shape[0], expected, scale
         return
+    if 0 in operator.axes(case.shape):
+        raise ValueError(
+            f"{operator.name} reduces over the batch, so its reference cannot come "
+            "a group of samples at a time"
+        )
     if inputs is None:
-        inputs = materialize(case, item.dtype, item.seed)
+        inputs = operator_inputs(case, item.dtype, item.seed, operator)
     for start, stop in sample_chunks(inputs.x.shape):
         if (start, stop) == (0, inputs.x.shape[0]):
             piece = inputs
@@ -377,7 +417,7 @@ def reference_pieces(item: Item, eps: float | None, inputs: Inputs | None = None
                 x=inputs.x[start:stop],
                 grad_output=inputs.grad_output[start:stop],
             )
-        yield start, stop, *reference_from_inputs(piece, use_eps)
+        yield start, stop, *reference_from_inputs(piece, use_eps, operator)
 
 
 def _array_dtype(array: object, dtype: str) -> str | None:
@@ -457,10 +497,16 @@ def from_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return np.moveaxis(array, -1, 1)
 
 
+def item_inputs(item: Item) -> Inputs:
+    """Return the catalogue inputs of the item, with gamma and beta shaped for its
+    operator (shared through suites.cases.materialize's cache)."""
+    return operator_inputs(item.case, item.dtype, item.seed, item.operator)
+
+
 def build_request(item: Item, inputs: Inputs, gradients: bool) -> Request:
     layout = item.case.layout
     return Request(
-        op=OP,
+        op=item.operator.name,
         implementation=item.implementation,
         device=item.device,
         dtype=item.dtype,
@@ -472,6 +518,8 @@ def build_request(item: Item, inputs: Inputs, gradients: bool) -> Request:
         affine=item.case.affine,
         gradients=gradients,
         layout=layout,
+        groups=item.operator.groups,
+        normalized_ndim=item.operator.normalized_ndim,
     )
 
 
@@ -480,7 +528,9 @@ def unsupported_reason(
 ) -> str | None:
     """Return why the item cannot run (an absent device, or a layout, dtype or
     device limit the adapter declares), or None when it runs."""
-    unfit = item.case.unfit_reason(item.dtype)
+    unfit = item.case.unfit_reason(item.dtype) or item.case.unposed_reason(
+        item.operator
+    )
     if unfit is not None:
         return unfit
     if not device.available:
@@ -548,7 +598,7 @@ def _run(
 ) -> list[Record]:
     inputs = given
     if inputs is None:
-        inputs = materialize(item.case, item.dtype, item.seed)
+        inputs = item_inputs(item)
     request = build_request(item, inputs, gradients)
     quantities = quantities_for(item.case, gradients)
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from references.instance_norm import instance_norm
+from references.family import Operator
+from references.instance_norm import evaluate, instance_norm
 from suites import dtypes, error_model
 
 U32 = dtypes.UNIT_ROUNDOFF["float32"]
@@ -148,3 +149,36 @@ def test_exact_value_beyond_range_expects_infinity():
     )
     assert accepted.within_budget
     assert not rejected.within_budget
+
+
+def test_budget_reduction_length_per_operator():
+    shape = (2, 6, 5, 5)
+    lengths = {
+        Operator("instance_norm"): (25, 50),
+        Operator("batch_norm"): (50, 50),
+        # A group of 3 channels: 75 elements per slice. A channel's parameter
+        # sums run over 50 elements, each with its group's statistics' error.
+        Operator("group_norm", groups=2): (75, 75),
+        Operator("layer_norm", normalized_ndim=3): (150, 150),
+        Operator("layer_norm", normalized_ndim=1): (5, 60),
+    }
+    for operator, (slice_length, parameter_length) in lengths.items():
+        got = [
+            error_model.budget_reduction_length(quantity, shape, operator)
+            for quantity in ("output", "grad_input", "grad_gamma", "grad_beta")
+        ]
+        assert got == [slice_length] * 2 + [parameter_length] * 2, operator.label
+
+
+def test_layer_norm_scales_have_parameter_shape():
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 4))
+    gamma, beta = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    axes, spans = (1, 2), (1, 2)
+    expected = evaluate(x, gamma, beta, dy, 1e-5, axes, spans)
+    scales = error_model.scales(x, gamma, beta, dy, expected, axes, spans)
+    assert scales["grad_gamma"].shape == (3, 4)
+    # Each element's parameter gradient sums over the batch alone: its scale
+    # holds the batch's sum of |dy * xhat| terms.
+    bound = np.sum(np.abs(dy * expected.xhat), axis=0)
+    assert np.all(scales["grad_gamma"] >= bound)

@@ -51,6 +51,7 @@ def judge_by_recipe(
     unit_roundoff: float,
     budget: float,
     overflow_threshold: float | None,
+    allowance: float,
 ) -> tuple[bool, float]:
     """Judge one quantity by the recipe of docs/golden-data.md and return whether
     it passes and its largest normalized error."""
@@ -58,7 +59,8 @@ def judge_by_recipe(
     if expected.size == 0:
         return True, 0.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        errors = np.abs(got - expected) / (scale * unit_roundoff)
+        difference = np.maximum(np.abs(got - expected) - allowance, 0.0)
+        errors = difference / (scale * unit_roundoff)
     errors[(got == expected) | (np.isnan(got) & np.isnan(expected))] = 0.0
     if overflow_threshold is not None:
         beyond = np.isfinite(expected) & (np.abs(expected) >= overflow_threshold)
@@ -318,6 +320,7 @@ def recipe_verdicts(kernel, entry: dict, arrays: dict, manifest: dict) -> dict:
             entry["unit_roundoff"],
             fields["budget"],
             threshold,
+            entry["subnormal_allowance"],
         )
         verdicts[quantity] = ("pass" if passed else "fail", worst)
     return verdicts

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from references import family
+from references import instance_norm as instance_norm_module
 from references.family import group_norm, layer_norm
 from references.instance_norm import instance_norm
 from tests.test_reference import EPS, FD_RTOL, assert_close_to_scale, central_difference
@@ -136,3 +138,71 @@ def test_layer_norm_parameter_shape_checked():
     x = np.zeros((2, 3, 4))
     with pytest.raises(ValueError, match="gamma has shape"):
         layer_norm(x, np.ones(4), np.zeros(4), x, EPS, normalized_ndim=2)
+
+
+# The operators as the suite poses them (references.family.Operator).
+
+OPERATOR_SHAPE = (2, 6, 3, 4)
+
+
+def _operator_inputs(seed: int = 5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=OPERATOR_SHAPE)
+    dy = rng.normal(size=OPERATOR_SHAPE)
+    return rng, x, dy
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+def test_operator_group_norm_matches_group_norm(groups):
+    rng, x, dy = _operator_inputs()
+    gamma, beta = rng.normal(size=6), rng.normal(size=6)
+    operator = family.Operator("group_norm", groups=groups)
+    got = operator.evaluate(x, gamma, beta, dy, 1e-5)
+    want = family.group_norm(x, gamma, beta, dy, 1e-5, groups)
+    for name in ("output", "grad_input", "grad_gamma", "grad_beta"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    assert got.grad_gamma.shape == (6,)
+
+
+@pytest.mark.parametrize("normalized_ndim", [1, 2, 3])
+def test_operator_layer_norm_matches_layer_norm(normalized_ndim):
+    rng, x, dy = _operator_inputs()
+    shape = OPERATOR_SHAPE[len(OPERATOR_SHAPE) - normalized_ndim :]
+    gamma, beta = rng.normal(size=shape), rng.normal(size=shape)
+    operator = family.Operator("layer_norm", normalized_ndim=normalized_ndim)
+    assert operator.parameter_shape(OPERATOR_SHAPE) == shape
+    got = operator.evaluate(x, gamma, beta, dy, 1e-5)
+    want = family.layer_norm(x, gamma, beta, dy, 1e-5, normalized_ndim)
+    for name in ("output", "grad_input", "grad_gamma", "grad_beta"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize(
+    ("name", "function"),
+    [
+        ("instance_norm", instance_norm_module.instance_norm),
+        ("batch_norm", instance_norm_module.batch_norm_training),
+    ],
+)
+def test_operator_per_channel_members(name, function):
+    rng, x, dy = _operator_inputs()
+    gamma, beta = rng.normal(size=6), rng.normal(size=6)
+    got = family.Operator(name).evaluate(x, gamma, beta, dy, 1e-5)
+    want = function(x, gamma, beta, dy, 1e-5)
+    for quantity in ("output", "grad_input", "grad_gamma", "grad_beta"):
+        assert np.array_equal(getattr(got, quantity), getattr(want, quantity))
+
+
+def test_operator_rejects_wrong_configuration():
+    with pytest.raises(ValueError, match="groups"):
+        family.Operator("group_norm")
+    with pytest.raises(ValueError, match="groups"):
+        family.Operator("instance_norm", groups=2)
+    with pytest.raises(ValueError, match="normalized_ndim"):
+        family.Operator("layer_norm")
+    with pytest.raises(ValueError, match="unknown operator"):
+        family.Operator("rms_norm")
+    with pytest.raises(ValueError, match="do not divide"):
+        family.Operator("group_norm", groups=4).view_shape(OPERATOR_SHAPE)
+    with pytest.raises(ValueError, match="normalized_ndim"):
+        family.Operator("layer_norm", normalized_ndim=4).axes(OPERATOR_SHAPE)

@@ -310,3 +310,35 @@ def test_bundle_channels_last_round_trip(tmp_path):
     assert stored_shape == (2, 5, 7, 3)
     loaded = replay.load_bundle(bundle)
     assert np.array_equal(loaded.inputs.x, inputs.x)
+
+
+def test_family_bundle_replays_its_operator(tmp_path):
+    # LayerNorm's gamma has the shape of the normalized axes, and the bundle
+    # names the operator and its configuration, so the replay judges the same
+    # operator on the same arrays.
+    completed = run_suite(
+        "--adapter=tests.family_faults:LastAxisOnly",
+        "--cases=random-2d",
+        "--dtypes=float32",
+        f"--replay-dir={tmp_path}",
+    )
+    assert completed.returncode == 1, completed.stdout[-3000:]
+    bundle = tmp_path / "numpy-family-layer_norm.kernel-cpu-float32-random-2d"
+    metadata = json.loads((bundle / "item.json").read_text(encoding="utf-8"))
+    assert (metadata["op"], metadata["normalized_ndim"]) == ("layer_norm", 3)
+    assert metadata["groups"] is None
+    with np.load(bundle / "inputs.npz", allow_pickle=False) as archive:
+        assert archive["gamma"].shape == (3, 5, 7)
+    # The other operators of the faulty kernel are correct: no bundle.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [bundle.name]
+
+    replayed = run_replay(str(bundle))
+    assert replayed.returncode == 1, replayed.stdout + replayed.stderr
+    verdicts = replayed_lines(replayed.stdout)
+    recorded = {record["quantity"]: record["verdict"] for record in metadata["records"]}
+    assert {quantity: verdict for quantity, (verdict, _) in verdicts.items()} == (
+        recorded
+    )
+
+    fixed = run_replay(str(bundle), "--adapter=tests.family_faults:FamilyKernel")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr

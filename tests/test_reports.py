@@ -475,6 +475,39 @@ def test_markdown_matrix_cells(workdir, capsys):
     assert cells["conditioning"].endswith("<br>worst inf")
 
 
+def test_markdown_operators_by_framework(workdir, capsys):
+    family = workdir / "family.json"
+    write_suite_report(
+        family,
+        "--adapter=tests.family_faults:FamilyKernel",
+        "--dtypes=float32",
+        "--cases=random-2d,channels-last-2d",
+    )
+    assert run_merge(capsys, "kernel.json", "family.json", "--output", "m.json")[0] == 0
+    text = render(capsys, "m.json").split("## Operators")[1].split("## Verdicts")[0]
+    merged = read(workdir / "m.json")
+
+    header = table_row(text, "framework / operator")
+    operators = ["instance_norm", "group_norm", "layer_norm", "batch_norm"]
+    assert header == ["framework / operator", *map(reports.escape, operators)]
+    header = ["framework", *operators]
+    instance = dict(zip(header, table_row(text, "numpy-float32"), strict=True))
+    assert instance["group_norm"] == "none"
+    kernel = [r for r in merged["results"] if r["framework"] == "numpy-float32"]
+    passed = sum(r["verdict"] == "pass" for r in kernel)
+    unsupported = len(kernel) - passed
+    assert instance["instance_norm"] == (
+        f"1 implementation: {passed} pass · {unsupported} unsup"
+    )
+    cells = dict(zip(header, table_row(text, "numpy-family"), strict=True))
+    assert cells["instance_norm"] == "none"
+    # LayerNorm is posed in channels_first only: channels-last-2d is unsupported.
+    assert cells["layer_norm"] == "1 implementation: 4 pass · 4 unsup"
+    assert cells["batch_norm"] == "1 implementation: 8 pass"
+    ops = {r["op"] for r in merged["results"] if r["framework"] == "numpy-family"}
+    assert ops == {"group_norm", "layer_norm", "batch_norm"}
+
+
 def test_markdown_unsupported_only_cell(workdir, capsys):
     document = read(workdir / "kernel.json")
     document["results"] = [
@@ -601,7 +634,12 @@ def test_markdown_hides_missing_framework_that_ran_elsewhere(workdir, capsys):
     )
     assert status == 0
     text = render(capsys, "m.json")
-    rows = [line for line in text.splitlines() if line.startswith("| numpy-float32 |")]
+    # The frameworks table's rows; the operators table has a row per framework too.
+    rows = [
+        line
+        for line in text.split("## Operators")[0].splitlines()
+        if line.startswith("| numpy-float32 |")
+    ]
     assert len(rows) == 1
     assert "not installed" not in rows[0]
 

@@ -1,4 +1,7 @@
-"""InstanceNorm conformance: one item per (implementation, device, dtype, case).
+"""Conformance of the normalization family: one item per (implementation, device,
+dtype, case). Each implementation computes one operator (InstanceNorm, GroupNorm,
+LayerNorm or BatchNorm in training mode), which the item id carries in the
+implementation's name.
 
 Each item records a verdict for the output and each gradient in the report, then
 asserts each quantity on its own, so a failure message names the quantity, its worst
@@ -14,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from suites import deviations
-from suites.cases import materialize
 from suites.plugin import (
     ISOLATION_DEFAULTS,
     ORT_PROVIDERS_VARIABLE,
@@ -25,6 +27,7 @@ from suites.plugin import (
 from suites.verdicts import (
     AdapterMethodError,
     error_records,
+    item_inputs,
     run_item,
     unsupported_reason,
     unsupported_records,
@@ -61,7 +64,7 @@ def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
     return shlex.join(["python", "-m", "pytest", node, *options])
 
 
-def test_instance_norm(conformance_target: Target, request: pytest.FixtureRequest):
+def test_normalization(conformance_target: Target, request: pytest.FixtureRequest):
     target = conformance_target
     implementation = target.implementation
 
@@ -81,8 +84,8 @@ def test_instance_norm(conformance_target: Target, request: pytest.FixtureReques
 
     item = target.item
     records = run_item(target.adapter, item, implementation)
-    # The arrays run_item used: materialize caches them.
-    inputs = materialize(item.case, item.dtype, item.seed)
+    # The arrays run_item used: suites.cases.materialize caches them.
+    inputs = item_inputs(item)
     rows = record_verdicts(request.node, target, records, command, inputs)
 
     overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in rows)
