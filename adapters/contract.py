@@ -22,6 +22,14 @@ Contract version 1:
 - `run(request)`: compute one case and return a `Result`. Raise `Rejected` when the
   framework rejects the input with its own error for that input. Any other exception
   means the adapter broke, and the item gets the verdict `error`.
+
+Second derivatives, optional: an implementation that sets `second_order` gets
+second-order requests, whose `grad_grad_input` is a direction v shaped like x.
+The adapter then computes grad_input with its graph kept (create_graph in
+autograd terms) and returns the gradients of L = sum(v * grad_input) with respect
+to x, gamma and grad_output in `Result.grad2_input`, `grad2_gamma` and
+`grad2_grad_output`. An implementation without them may say why in
+`second_order_reason`. Adapters that set neither field never see such a request.
 """
 
 from __future__ import annotations
@@ -62,6 +70,9 @@ class Implementation:
     False.
     `layouts` lists the layouts of x the implementation accepts without transposes.
     `operator` is the member of OPERATORS it computes.
+    `second_order` says whether it returns second derivatives (it needs
+    `gradients`), and `second_order_reason` why not when it does not, for
+    example because the framework has no double backward for this path.
     """
 
     name: str
@@ -70,6 +81,8 @@ class Implementation:
     gradient_reason: str = ""
     layouts: tuple[str, ...] = ("channels_first",)
     operator: str = "instance_norm"
+    second_order: bool = False
+    second_order_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,13 @@ class Request:
     over the last `normalized_ndim` axes of x in (N, C, *spatial) order, and gamma
     and beta have the shape of those axes (layer_norm runs in channels_first only).
     gamma and beta have shape (C,) for every other operator.
+
+    `grad_grad_input` is None except in a second-order request, sent only to an
+    implementation that declares `second_order`. It is then the direction v, shaped
+    and laid out like x and read-only like the other arrays, and `gradients` is
+    True. The adapter computes L = sum(v * grad_input), keeping grad_input
+    differentiable, and returns the gradients of L in the grad2 fields of the
+    Result.
     """
 
     op: str
@@ -111,6 +131,7 @@ class Request:
     layout: str = "channels_first"
     groups: int | None = None
     normalized_ndim: int | None = None
+    grad_grad_input: np.ndarray | None = None
 
 
 @dataclass
@@ -134,6 +155,14 @@ class Result:
     reaches the kernel as 9.99999974737875e-06. It must equal the request's eps
     rounded to float32, float16 or bfloat16; the suite then computes the reference
     with it and records it. Any other value is an `error`.
+
+    The grad2 fields answer a second-order request (`Request.grad_grad_input` set)
+    and are None otherwise: the gradients of L = sum(v * grad_input) with respect
+    to x (`grad2_input`, shaped like x in the request's layout), gamma
+    (`grad2_gamma`, gamma's shape, None when affine is off) and grad_output
+    (`grad2_grad_output`, shaped like x in the request's layout). For such a
+    request the suite judges only these three; the other fields may be filled or
+    left None.
     """
 
     output: np.ndarray | None
@@ -143,6 +172,9 @@ class Result:
     dtype: str | None = None
     eps: float | None = None
     compute_dtype: str | None = None
+    grad2_input: np.ndarray | None = None
+    grad2_gamma: np.ndarray | None = None
+    grad2_grad_output: np.ndarray | None = None
 
 
 class Adapter(abc.ABC):
@@ -268,6 +300,13 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                     f"adapter {origin}: implementation {implementation.name!r} "
                     f"declares layouts {tuple(implementation.layouts)!r}; use one or "
                     f"more of {', '.join(LAYOUTS)}"
+                )
+            if implementation.second_order and not implementation.gradients:
+                raise ContractError(
+                    f"adapter {origin}: implementation {implementation.name!r} "
+                    "declares second_order without gradients; second derivatives "
+                    "differentiate the input gradient, so set gradients=True or "
+                    "second_order=False"
                 )
 
 

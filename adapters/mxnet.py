@@ -56,6 +56,24 @@ EMPTY_INSTANCE_NORM = (
 # mshadow's type flags, as InstanceNorm's message prints them.
 MSHADOW_TYPE_FLAG = {"float32": 0, "float64": 1, "float16": 2}
 
+
+def _no_double_backward(operators: str, backward_op: str, *others: str) -> str:
+    """Return the second_order_reason of an implementation whose graph contains
+    operators without a registered gradient of their backward. The adapter's
+    graph raises for `backward_op` first, and each of `others` raises the same
+    error when its operator is differentiated twice on its own."""
+    reason = (
+        f"mxnet {mx.__version__} cannot differentiate the input gradient of "
+        f"{operators} again: autograd.grad(..., create_graph=True) inside "
+        f"autograd.record(), then backward() on sum(v * grad_input), raises "
+        f"MXNetError: Operator {backward_op} is non-differentiable because it "
+        "didn't register FGradient attribute"
+    )
+    for other in others:
+        reason += f", and the same check fails for {other}"
+    return reason
+
+
 # A forward computes the request's operator from x, gamma and beta, which run() has
 # converted to NDArrays. gamma and beta are ones and zeros when affine is off.
 Forward = Callable[
@@ -156,11 +174,21 @@ def _batch_norm_native(x, gamma, beta, request):
 
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "instance-norm": (
-        Implementation("instance-norm", "mxnet.nd.InstanceNorm"),
+        Implementation(
+            "instance-norm",
+            "mxnet.nd.InstanceNorm",
+            second_order_reason=_no_double_backward(
+                "InstanceNorm", "_backward_InstanceNorm"
+            ),
+        ),
         _instance_norm,
     ),
     "group-norm": (
-        Implementation("group-norm", "mxnet.nd.GroupNorm, num_groups = C"),
+        Implementation(
+            "group-norm",
+            "mxnet.nd.GroupNorm, num_groups = C",
+            second_order_reason=_no_double_backward("GroupNorm", "_backward_GroupNorm"),
+        ),
         _group_norm,
     ),
     "batch-norm-reshape": (
@@ -171,6 +199,9 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "batch-norm-reshape",
             "mxnet.nd.BatchNorm, training mode, fix_gamma=False, on the (1, N*C, ...) "
             "reshape with gamma and beta repeated N times",
+            second_order_reason=_no_double_backward(
+                "reshape and BatchNorm", "_backward_reshape", "_backward_BatchNorm"
+            ),
         ),
         _batch_norm_reshape,
     ),
@@ -182,6 +213,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "inside autograd (mxnet 1.9.1's GroupNorm takes gamma and beta per group, "
             "not per channel); without affine, GroupNorm alone",
             operator="group_norm",
+            second_order_reason=_no_double_backward(
+                "GroupNorm and broadcast_mul",
+                "_backward_GroupNorm",
+                "_backward_broadcast_mul",
+            ),
         ),
         _group_norm_native,
     ),
@@ -192,6 +228,9 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "k > 1, on x reshaped to (*x.shape[:-k], product of the last k sizes) "
             "with gamma and beta flattened, inside autograd",
             operator="layer_norm",
+            second_order_reason=_no_double_backward(
+                "reshape and LayerNorm", "_backward_reshape", "_backward_LayerNorm"
+            ),
         ),
         _layer_norm_native,
     ),
@@ -203,6 +242,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "channels_last) in autograd's train mode",
             layouts=("channels_first", "channels_last"),
             operator="batch_norm",
+            second_order_reason=_no_double_backward("BatchNorm", "_backward_BatchNorm"),
         ),
         _batch_norm_native,
     ),

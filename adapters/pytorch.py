@@ -1,5 +1,5 @@
 """PyTorch adapter: three ways to compute InstanceNorm and the functional GroupNorm,
-LayerNorm and BatchNorm, gradients through autograd."""
+LayerNorm and BatchNorm, with gradients and second derivatives through autograd."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ TORCH_DTYPES = {
 Forward = Callable[
     [torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", Request], torch.Tensor
 ]
+# Converts a request array (or None) to a tensor, requiring its gradient or not.
+TensorMaker = Callable[["np.ndarray | None", bool], "torch.Tensor | None"]
 
 
 def _functional(x, gamma, beta, request):
@@ -73,7 +75,10 @@ BOTH_LAYOUTS = ("channels_first", "channels_last")
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "functional": (
         Implementation(
-            "functional", "torch.nn.functional.instance_norm", layouts=BOTH_LAYOUTS
+            "functional",
+            "torch.nn.functional.instance_norm",
+            layouts=BOTH_LAYOUTS,
+            second_order=True,
         ),
         _functional,
     ),
@@ -82,6 +87,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "group-norm",
             "torch.nn.functional.group_norm, groups = C",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
         ),
         _group_norm,
     ),
@@ -91,6 +97,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "torch.nn.functional.batch_norm, training mode, on the (1, N*C, ...) "
             "reshape with gamma and beta repeated N times",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
         ),
         _batch_norm_reshape,
     ),
@@ -100,6 +107,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "torch.nn.functional.group_norm(x, groups, weight, bias, eps)",
             layouts=BOTH_LAYOUTS,
             operator="group_norm",
+            second_order=True,
         ),
         _family_group_norm,
     ),
@@ -108,6 +116,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "layer_norm.functional",
             "torch.nn.functional.layer_norm(x, x.shape[-k:], weight, bias, eps)",
             operator="layer_norm",
+            second_order=True,
         ),
         _family_layer_norm,
     ),
@@ -118,6 +127,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "training=True, eps=eps)",
             layouts=BOTH_LAYOUTS,
             operator="batch_norm",
+            second_order=True,
         ),
         _family_batch_norm,
     ),
@@ -197,6 +207,9 @@ class TorchAdapter(Adapter):
             value = torch.tensor(np.asarray(array), dtype=dtype, device=device)
             return value.requires_grad_(grad)
 
+        if request.grad_grad_input is not None:
+            return self._run_second_order(request, forward, tensor)
+
         want = request.gradients
         x = tensor(request.x, want)
         gamma = tensor(request.gamma, want)
@@ -224,4 +237,54 @@ class TorchAdapter(Adapter):
             grad_gamma=_to_numpy(gamma.grad) if want and gamma is not None else None,
             grad_beta=_to_numpy(beta.grad) if want and beta is not None else None,
             dtype=_dtype_name(output.dtype),
+        )
+
+    def _run_second_order(
+        self, request: Request, forward: Forward, tensor: TensorMaker
+    ) -> Result:
+        """Differentiate grad_input along v = request.grad_grad_input: the first
+        torch.autograd.grad keeps its graph (create_graph=True), and the second
+        takes the vector-Jacobian product of grad_input with v, which is the
+        gradient of sum(v * grad_input)."""
+        x = tensor(request.x, True)
+        gamma = tensor(request.gamma, True)
+        beta = tensor(request.beta, True)
+        grad_output = tensor(request.grad_output, True)
+        direction = tensor(request.grad_grad_input, False)
+        channels_last = request.layout == "channels_last"
+        parameters = [] if gamma is None else [gamma, beta]
+
+        def logical(value: torch.Tensor) -> torch.Tensor:
+            return _channels_first_view(value) if channels_last else value
+
+        try:
+            output = forward(logical(x), gamma, beta, request)
+            first = torch.autograd.grad(
+                output,
+                [x, *parameters],
+                grad_outputs=logical(grad_output),
+                create_graph=True,
+            )
+            # materialize_grads: an input that grad_input does not depend on gets
+            # zeros, not None.
+            second = torch.autograd.grad(
+                first[0],
+                [x, *parameters[:1], grad_output],
+                grad_outputs=direction,
+                materialize_grads=True,
+            )
+        except Exception as error:  # noqa: BLE001 - the framework refused the input
+            raise Rejected(f"{type(error).__name__}: {error}") from error
+
+        if channels_last:
+            output = _channels_last_view(output)
+        return Result(
+            output=_to_numpy(output),
+            grad_input=_to_numpy(first[0]),
+            grad_gamma=_to_numpy(first[1]) if parameters else None,
+            grad_beta=_to_numpy(first[2]) if parameters else None,
+            dtype=_dtype_name(output.dtype),
+            grad2_input=_to_numpy(second[0]),
+            grad2_gamma=_to_numpy(second[1]) if parameters else None,
+            grad2_grad_output=_to_numpy(second[-1]),
         )

@@ -1,5 +1,6 @@
 """TensorFlow adapter: InstanceNorm three ways, GroupNorm and LayerNorm through Keras,
-and BatchNorm in training mode three ways, with gradients through tf.GradientTape.
+and BatchNorm in training mode three ways, with gradients through tf.GradientTape
+and second derivatives through two nested tapes.
 
 Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. Everything
 runs eagerly (no tf.function), pinned to the requested device with tf.device.
@@ -354,6 +355,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "float32 and rounds the output); channels-first input is transposed to "
             "(N, ..., C) by the adapter and the output transposed back",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
         ),
         _keras_group_norm,
     ),
@@ -363,6 +365,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "tf.nn.moments over the spatial axes (keepdims) followed by "
             "tf.nn.batch_normalization",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
         ),
         _moments,
     ),
@@ -374,6 +377,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "channels-last input is transposed to (..., N, C) by the adapter and "
             "runs as NHWC or NDHWC; rank-3 input gets a trailing spatial axis of 1)",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
         ),
         _fused_batch_norm_reshape,
     ),
@@ -386,6 +390,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "beta are assigned to its weights (the layer computes float16 and "
             "bfloat16 input in float32 and rounds the output)",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
             operator="group_norm",
         ),
         _group_norm_keras,
@@ -399,6 +404,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "weights (the layer computes float16 and bfloat16 input in float32 "
             "and rounds the output)",
             operator="layer_norm",
+            second_order=True,
         ),
         _layer_norm_keras,
     ),
@@ -411,6 +417,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "affine is off; gamma and beta are assigned to its weights (the layer "
             "computes float16 and bfloat16 input in float32 and rounds the output)",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
             operator="batch_norm",
         ),
         _batch_norm_keras,
@@ -421,6 +428,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "tf.nn.moments over the batch and spatial axes (keepdims) followed by "
             "tf.nn.batch_normalization",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
             operator="batch_norm",
         ),
         _batch_norm_moments,
@@ -433,6 +441,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "channels-last input, ones and zeros for scale and offset when affine "
             "is off; rank-3 input gets a spatial axis of size 1",
             layouts=BOTH_LAYOUTS,
+            second_order=True,
             operator="batch_norm",
         ),
         _batch_norm_fused,
@@ -526,6 +535,8 @@ class TensorFlowAdapter(Adapter):
         tf.config.set_soft_device_placement(False)
         try:
             with tf.device(_tf_device(request.device)):
+                if request.grad_grad_input is not None:
+                    return self._second_order(forward, request, dtype)
                 computed, gradients = self._compute(forward, request, dtype, want)
         except (tf.errors.OpError, ValueError) as error:
             # TensorFlow's runtime errors are OpError subclasses, and Keras raises
@@ -586,3 +597,63 @@ class TensorFlowAdapter(Adapter):
         )
         by_name = dict(zip(present, grads, strict=True))
         return computed, (by_name.get("x"), by_name.get("gamma"), by_name.get("beta"))
+
+    @staticmethod
+    def _second_order(forward: Forward, request: Request, dtype: tf.DType) -> Result:
+        """Differentiate grad_input along v = request.grad_grad_input.
+
+        An inner tape computes grad_input from x and grad_output, and an outer tape
+        records that computation and returns the gradients of sum(v * grad_input)
+        with respect to x, gamma and grad_output. The forward runs under both.
+        """
+
+        def tensor(array: np.ndarray | None) -> tf.Tensor | None:
+            if array is None:
+                return None
+            return tf.cast(tf.constant(np.asarray(array)), dtype)
+
+        x = tensor(request.x)
+        gamma = tensor(request.gamma)
+        beta = tensor(request.beta)
+        grad_output = tensor(request.grad_output)
+        direction = tensor(request.grad_grad_input)
+        with tf.GradientTape() as outer:
+            outer.watch([x, grad_output])
+            if gamma is not None:
+                outer.watch([gamma, beta])
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                if gamma is not None:
+                    inner.watch([gamma, beta])
+                computed = forward(
+                    x,
+                    gamma,
+                    beta,
+                    request.eps,
+                    request.layout,
+                    **_operator_arguments(request),
+                )
+            grad_input = inner.gradient(
+                computed.output, x, output_gradients=grad_output
+            )
+            loss = tf.reduce_sum(direction * grad_input)
+        # The Keras layers compute with their own gamma variable, which both tapes
+        # watch because it is trainable.
+        sources = [x, grad_output]
+        if computed.gamma is not None:
+            sources.append(computed.gamma)
+        # An input that grad_input does not depend on gets zeros, not None.
+        second = outer.gradient(
+            loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        output = computed.output
+        return Result(
+            output=_to_numpy(output),
+            grad_input=_to_numpy(grad_input),
+            dtype=output.dtype.name,
+            eps=computed.eps,
+            compute_dtype=computed.compute_dtype,
+            grad2_input=_to_numpy(second[0]),
+            grad2_gamma=_to_numpy(second[2]) if computed.gamma is not None else None,
+            grad2_grad_output=_to_numpy(second[1]),
+        )

@@ -30,7 +30,7 @@ from packaging.version import InvalidVersion, Version
 
 from suites import dtypes, files
 from suites.cases import CATALOGUE
-from suites.error_model import QUANTITIES
+from suites.error_model import QUANTITIES, SECOND_ORDER_QUANTITIES
 
 DEFAULT_PATH = Path(__file__).with_name("deviations.toml")
 REPLACEABLE = ("fail", "rejected")
@@ -56,6 +56,12 @@ FILE_HEADER = """\
 #   intermittent: optional, true when the difference shows in some seeds only; such
 #     an entry is not reported stale by a run that it does not match
 """
+
+# The metamorphic suite's records: the case `metamorphic`, with the relations of
+# suites/metamorphic.py as quantities (kept here to spare this module its imports).
+METAMORPHIC_CASE = "metamorphic"
+RELATIONS = ("shift", "scale", "slice-independence", "gradient-sums")
+KNOWN_QUANTITIES = (*QUANTITIES, *SECOND_ORDER_QUANTITIES, *RELATIONS)
 
 
 class DeviationsError(Exception):
@@ -234,9 +240,10 @@ def _parse_entry(entry: object, index: int, path: Path) -> Deviation:
                 f"{where}: item pattern {pattern!r} does not start with the "
                 f"framework {entry['framework']!r} and a '-'"
             )
-    _check_names(where, "case", lists.get("cases", ()), (c.name for c in CATALOGUE))
+    case_names = [*(c.name for c in CATALOGUE), METAMORPHIC_CASE]
+    _check_names(where, "case", lists.get("cases", ()), case_names)
     _check_names(where, "dtype", lists.get("dtypes", ()), dtypes.DTYPES)
-    _check_names(where, "quantity", lists.get("quantities", ()), QUANTITIES)
+    _check_names(where, "quantity", lists.get("quantities", ()), KNOWN_QUANTITIES)
 
     verdicts = _strings(entry, "verdicts", where) if "verdicts" in entry else ("fail",)
     for name in verdicts:

@@ -72,9 +72,32 @@ BUDGET: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+# The second derivatives: the gradients of L = sum(v * grad_input) with respect to
+# x, gamma and grad_output, for a direction v shaped like x (suites/second_order.py).
+SECOND_ORDER_QUANTITIES = ("grad2_input", "grad2_gamma", "grad2_grad_output")
+# The quantities that sum over every axis their parameter does not run along.
+PARAMETER_GRADIENTS = ("grad_gamma", "grad_beta", "grad2_gamma")
+# Their budgets have the same form and, as measured, the same constants: the
+# correct kernels of tests/second_order_faults.py over seeds 0 to 9 reached 0.55 of
+# them (995 u of 1810 u, grad2_grad_output of serial float32 sums at L = 2^18), and
+# torch 2.13.0's float32 and float64 CPU double backward 0.22 (docs/error-model.md).
+# A table of its own, because the golden-data export writes BUDGET, which contains the
+# first-order quantities only.
+SECOND_ORDER_BUDGET: dict[str, dict[str, tuple[float, float]]] = {
+    quantity: {
+        "float64": (BASE, GROWTH),
+        "float32": (BASE, GROWTH),
+        "float16": BUDGET["grad_input"]["float16"],
+        "bfloat16": BUDGET["grad_input"]["bfloat16"],
+    }
+    for quantity in SECOND_ORDER_QUANTITIES
+}
+
+
 def budget(quantity: str, dtype: str, reduction_length: int) -> float:
     """Return the largest normalized error a correct result may show."""
-    base, growth = BUDGET[quantity][dtype]
+    table = BUDGET if quantity in BUDGET else SECOND_ORDER_BUDGET
+    base, growth = table[quantity][dtype]
     return base + growth * math.sqrt(max(reduction_length, 1))
 
 
@@ -91,11 +114,13 @@ def budget_reduction_length(
     view = operator.view_shape(tuple(shape))
     axes = operator.axes(tuple(shape))
     slice_length = int(np.prod([view[axis] for axis in axes], dtype=np.int64))
-    if quantity not in ("grad_gamma", "grad_beta"):
+    if quantity not in PARAMETER_GRADIENTS:
         return slice_length
     spans = operator.spans(tuple(shape))
     shared = [view[axis] for axis in range(len(view)) if axis not in spans]
-    return max(int(np.prod(shared, dtype=np.int64)), slice_length)
+    terms = int(np.prod(shared, dtype=np.int64))
+    # An empty batch sums nothing, whatever the slice length.
+    return max(terms, slice_length) if terms else 0
 
 
 def scales(
@@ -205,6 +230,128 @@ def parameter_scale(total: np.ndarray, squares: np.ndarray) -> np.ndarray:
     """
     with np.errstate(invalid="ignore", over="ignore"):
         return np.abs(total) + np.sqrt(squares)
+
+
+def second_order_scales(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    grad_output: np.ndarray,
+    direction: np.ndarray,
+    expected: Expected,
+    axes: tuple[int, ...],
+    spans: tuple[int, ...] = (normalization.CHANNEL_AXIS,),
+) -> dict[str, np.ndarray]:
+    """Return the forward-error scale of every element of the second derivatives,
+    the gradients of L = sum(direction * grad_input).
+
+    The arrays are in the view the core normalizes, as for `scales`, and `expected`
+    is the first-order reference (its rstd and xhat). The formulas, with sums per
+    slice and |a|~ the bound on the magnitude of a that replaces every term by its
+    absolute value, are in docs/error-model.md.
+    """
+    x = normalization.as_float64(x)
+    dy = normalization.as_float64(grad_output)
+    v = normalization.as_float64(direction)
+    ndim = x.ndim
+    m = float(normalization.reduction_length(x.shape, axes))
+    parameters = tuple(x.shape[axis] for axis in spans)
+    abs_gamma = normalization.broadcast_parameter(
+        np.abs(gamma) if gamma is not None else np.ones(parameters), ndim, spans
+    )
+
+    def per_slice(values: np.ndarray) -> np.ndarray:
+        return np.sum(values, axis=axes, keepdims=True)
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        r = expected.rstd
+        xhat = expected.xhat
+        abs_xhat = np.abs(xhat)
+        mean_abs = np.mean(np.abs(x), axis=axes, keepdims=True)
+        s = (np.abs(x) + mean_abs) * r
+        abs_v = np.abs(v)
+        abs_g = abs_gamma * np.abs(dy)
+
+        # The magnitudes of the per-slice sums B = sum(v), D = sum(v * xhat),
+        # C = sum(g), E = sum(g * xhat) and A = sum(v * g), and the bounds of the
+        # errors of D and E, whose terms carry the error of xhat (s per element).
+        sum_v, sum_g = per_slice(abs_v), per_slice(abs_g)
+        d_abs, d_err = per_slice(abs_v * abs_xhat), per_slice(abs_v * s)
+        e_abs, e_err = per_slice(abs_g * abs_xhat), per_slice(abs_g * s)
+        a_abs = per_slice(abs_v * abs_g)
+
+        # v_part = M * v - B - xhat * D and g_part = M * g - C - xhat * E: their
+        # magnitudes and the bounds of their errors.
+        v_abs = m * abs_v + sum_v + abs_xhat * d_abs
+        v_err = m * abs_v + sum_v + abs_xhat * d_err + s * d_abs
+        g_abs = m * abs_g + sum_g + abs_xhat * e_abs
+        g_err = m * abs_g + sum_g + abs_xhat * e_err + s * e_abs
+        # K = A - B * C / M - D * E / M.
+        k_abs = a_abs + sum_v * sum_g / m + d_abs * e_abs / m
+        k_err = a_abs + sum_v * sum_g / m + (d_err * e_abs + d_abs * e_err) / m
+
+        # grad2_input = -(r^2 / M) * (xhat * K + (E * v_part + D * g_part) / M).
+        products = e_err * v_abs + e_abs * v_err + d_err * g_abs + d_abs * g_err
+        grad2_input = r * r / m * (s * k_abs + abs_xhat * k_err + products / m)
+        # grad2_grad_output = gamma * w with w = r / M * v_part: grad_input's scale
+        # with v in place of g, times |gamma|.
+        grad2_grad_output = abs_gamma * r / m * v_err
+
+        shared = normalization.parameter_axes(ndim, spans)
+        total, squares = _second_order_gamma_parts(
+            x, dy, v, xhat, r, s, mean_abs, axes, shared
+        )
+    return {
+        "grad2_input": grad2_input,
+        "grad2_gamma": parameter_scale(total, squares),
+        "grad2_grad_output": grad2_grad_output,
+    }
+
+
+def _second_order_gamma_parts(
+    x: np.ndarray,
+    dy: np.ndarray,
+    v: np.ndarray,
+    xhat: np.ndarray,
+    r: np.ndarray,
+    s: np.ndarray,
+    mean_abs: np.ndarray,
+    axes: tuple[int, ...],
+    shared: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the two parts of grad2_gamma's scale, per parameter element: the sum
+    of the errors that each slice's statistics and sums spread over the slice, and
+    the sum of squares of the independent errors of the terms dy * w.
+
+    grad2_gamma = sum(dy * w) over the shared axes, w = r / M * (M * v - B - xhat * D).
+    The errors of r, B = sum(v), D = sum(v * xhat) and of the mean reach every
+    element of a slice alike, so each contributes its error times a slice sum:
+    |sum(dy * w)| for r's relative error, r / M * |sum(dy)| * sum|v| for B's,
+    r / M * |sum(dy * xhat)| * sum(|v| * s) for D's, and r / M * |sum(dy)| *
+    mean|x| * r * |D| for the mean's shift of xhat. Each w also rounds on its own,
+    by up to r / M * (M * |v| + sum|v| + s * sum(|v| * |xhat|)).
+    """
+    m = float(normalization.reduction_length(x.shape, axes))
+    inner = tuple(axis for axis in axes if axis in shared)
+
+    def per_slice(values: np.ndarray) -> np.ndarray:
+        return np.sum(values, axis=axes, keepdims=True)
+
+    def within(values: np.ndarray) -> np.ndarray:
+        return np.sum(values, axis=inner, keepdims=True)
+
+    abs_v = np.abs(v)
+    sum_v = per_slice(abs_v)
+    d_signed = per_slice(v * xhat)
+    w = r / m * (m * v - per_slice(v) - xhat * d_signed)
+    systematic = np.abs(within(dy * w)) + r / m * (
+        np.abs(within(dy)) * (sum_v + mean_abs * r * np.abs(d_signed))
+        + np.abs(within(dy * xhat)) * per_slice(abs_v * s)
+    )
+    independent = dy * r / m * (m * abs_v + sum_v + s * per_slice(abs_v * np.abs(xhat)))
+    return (
+        np.sum(systematic, axis=shared),
+        np.sum(independent * independent, axis=shared),
+    )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import pytest
 from adapters import registry
 from adapters.contract import Device, Implementation
 from suites import cases, deviations, dtypes, files, isolation, replay, report
+from suites.second_order import select_targets
 from suites.verdicts import Item
 
 SUITES_DIR = Path(__file__).resolve().parent
@@ -28,6 +29,12 @@ DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECORDS_KEY = "normconf_records"
 # Part of the node id of every conformance item.
 CONFORMANCE_TEST = "::test_normalization["
+# Part of the node id of every second-order item (suites/test_second_order.py),
+# and the fixture that carries its target.
+SECOND_ORDER_TEST = "::test_second_order["
+SECOND_ORDER_FIXTURE = "second_order_target"
+METAMORPHIC_TEST = "::test_metamorphic["
+METAMORPHIC_FIXTURE = "metamorphic_target"
 # The ONNX Runtime adapter reads its providers from this variable, which worker
 # processes inherit; --ort-providers sets it.
 ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
@@ -223,6 +230,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help="write a replay bundle (inputs.npz and item.json) to DIR/<test id>/ "
         "for every non-conforming item; rerun one with python -m suites.replay",
+    )
+    group.addoption(
+        "--properties",
+        choices=("ci", "deep", "off"),
+        default="ci",
+        help="the property-based suite's profile (suites/test_properties.py): 'ci' "
+        "(default) runs 10 fixed examples per implementation and device over "
+        "well-conditioned values; 'deep' runs 300 random ones over the whole range; "
+        "'off' runs none. --cases also runs none",
+    )
+    group.addoption(
+        "--property-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="examples per property test, in place of the profile's number",
     )
 
 
@@ -518,7 +541,103 @@ def targets(config: pytest.Config) -> list[Target]:
     return expanded
 
 
+@dataclass(frozen=True)
+class PropertyTarget:
+    """One property-based test: an implementation on a device, over drawn cases."""
+
+    adapter: object
+    implementation: Implementation
+    device: Device
+
+    @property
+    def test_id(self) -> str:
+        return "-".join(
+            (self.adapter.framework, self.implementation.name, self.device.name)
+        )
+
+
+@dataclass(frozen=True)
+class MetamorphicTarget:
+    """One metamorphic item: the relations for an implementation, device and dtype."""
+
+    adapter: object
+    implementation: Implementation
+    device: Device
+    dtype: str
+    seed: int
+
+    @property
+    def test_id(self) -> str:
+        return "-".join(
+            (
+                self.adapter.framework,
+                self.implementation.name,
+                self.device.name,
+                self.dtype,
+            )
+        )
+
+
+def metamorphic_targets(config: pytest.Config) -> list[MetamorphicTarget]:
+    """Return one MetamorphicTarget per selected (adapter, implementation, device,
+    dtype), or none with --cases, which selects catalogue cases only."""
+    if config.getoption("cases"):
+        return []
+    state = config.stash[state_key]
+    selected_devices = _split(config.getoption("devices"))
+    seed = config.getoption("seed")
+    return [
+        MetamorphicTarget(adapter, implementation, device, dtype, seed)
+        for dtype in _split(config.getoption("dtypes"))
+        for adapter in state.adapters
+        for implementation in adapter.implementations()
+        for device in adapter.devices()
+        if _device_selected(device, selected_devices)
+    ]
+
+
+def property_targets(config: pytest.Config) -> list[PropertyTarget]:
+    """Return one PropertyTarget per selected (adapter, implementation, device),
+    or none with --properties=off or --cases (which selects catalogue cases only)."""
+    if config.getoption("properties") == "off" or config.getoption("cases"):
+        return []
+    state = config.stash[state_key]
+    selected_devices = _split(config.getoption("devices"))
+    return [
+        PropertyTarget(adapter, implementation, device)
+        for adapter in state.adapters
+        for implementation in adapter.implementations()
+        for device in adapter.devices()
+        if _device_selected(device, selected_devices)
+    ]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "property_target" in metafunc.fixturenames:
+        config = metafunc.config
+        drawn = property_targets(config)
+        if config.getoption("properties") == "off" or config.getoption("cases"):
+            reason = (
+                "--properties=off"
+                if config.getoption("properties") == "off"
+                else "--cases selects catalogue cases, and property tests draw theirs"
+            )
+            skipped = pytest.param(None, marks=pytest.mark.skip(reason=reason))
+            metafunc.parametrize("property_target", [skipped], ids=["off"])
+        else:
+            metafunc.parametrize(
+                "property_target", drawn, ids=[target.test_id for target in drawn]
+            )
+    if METAMORPHIC_FIXTURE in metafunc.fixturenames:
+        checked = metamorphic_targets(metafunc.config)
+        metafunc.parametrize(
+            METAMORPHIC_FIXTURE, checked, ids=[target.test_id for target in checked]
+        )
+    if SECOND_ORDER_FIXTURE in metafunc.fixturenames:
+        chosen = select_targets(targets(metafunc.config))
+        metafunc.parametrize(
+            SECOND_ORDER_FIXTURE, chosen, ids=[target.test_id for target in chosen]
+        )
     if "conformance_target" not in metafunc.fixturenames:
         return
     expanded = targets(metafunc.config)
@@ -573,6 +692,7 @@ def record_verdicts(
     records: list,
     command: str,
     inputs: cases.Inputs | None,
+    replayable: bool = True,
 ) -> list[dict]:
     """Turn an item's records into report rows and attach them to its test report
     (which also carries them across xdist workers). Returns the rows.
@@ -580,14 +700,15 @@ def record_verdicts(
     Each row gets the known deviations applied, the pytest command that reruns the
     item, and, when the item ran (`inputs` are the arrays it ran on), a summary of
     its inputs and of the x slice around its worst element. With --replay-dir, a
-    non-conforming item's rows also get the command that replays its bundle.
+    non-conforming item's rows also get the command that replays its bundle,
+    unless `replayable` is False (second-order items, which a bundle cannot pose).
     """
     state = node.config.stash[state_key]
     # A shallow copy of each record's fields: dataclasses.asdict would deep-copy
     # every value, and nothing uses the records again.
     rows = [dict(vars(record)) for record in records]
     deviations.apply(rows, state.deviations, target.adapter.version())
-    bundle = write_replay_bundle(node, target, rows, command)
+    bundle = write_replay_bundle(node, target, rows, command) if replayable else None
     source = state.sources[target.adapter.framework]
     summary = None
     if inputs is not None:
@@ -688,10 +809,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(state_key, None)
     if state is None:
         return
-    state.expected_items = sum(
-        "conformance_target" in getattr(item, "fixturenames", ())
-        for item in session.items
-    )
+    state.expected_items = sum(records_verdicts(item.nodeid) for item in session.items)
     # The frameworks' modules and the collected items live until the run ends.
     # Frozen, they are skipped by every full garbage collection, including the
     # five at the end from pytest's unraisable-exception check (0.12 s each with
@@ -706,7 +824,19 @@ def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
     state = node.config.stash.get(state_key, None)
     if state is None:
         return
-    state.expected_items = sum(CONFORMANCE_TEST in nodeid for nodeid in ids)
+    state.expected_items = sum(records_verdicts(nodeid) for nodeid in ids)
+
+
+def records_verdicts(nodeid: str) -> bool:
+    """Return True if the test `nodeid` records verdicts: an item of the
+    catalogue, second-order or metamorphic suite. A suite with nothing selected
+    has one placeholder item, [NOTSET], which records none."""
+    if nodeid.endswith("[NOTSET]"):
+        return False
+    return any(
+        test in nodeid
+        for test in (CONFORMANCE_TEST, SECOND_ORDER_TEST, METAMORPHIC_TEST)
+    )
 
 
 def run_summary(state: State, exit_status: int) -> dict:

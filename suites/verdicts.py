@@ -35,6 +35,8 @@ from suites.cases import (
 
 VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
 OP = INSTANCE_NORM.name
+# The quantities shaped like x, given in the request's layout.
+X_SHAPED = ("output", "grad_input", "grad2_input", "grad2_grad_output")
 
 
 @dataclass
@@ -195,7 +197,7 @@ def unsupported_records(item: Item, reason: str, gradients: bool) -> list[Record
     ]
 
 
-def _check_array(
+def check_array(
     name: str, array: object, expected_shape: tuple[int, ...]
 ) -> str | None:
     if array is None:
@@ -257,7 +259,7 @@ def judge_result(
     if problem is not None:
         return [item.record(q, "error", False, problem) for q in quantities]
     units = dtypes.judging_dtype(dtype, result.compute_dtype)
-    result_dtype = result.dtype or _array_dtype(result.output, dtype)
+    result_dtype = result.dtype or array_dtype(result.output, dtype)
     if result_dtype is not None and not isinstance(result_dtype, str):
         # A NumPy dtype, or a framework's dtype object, in place of its name.
         name = getattr(result_dtype, "name", None)
@@ -277,7 +279,7 @@ def judge_result(
             else item.operator.parameter_shape(x_shape)
         )
         got = getattr(result, quantity)
-        problem = _check_array(quantity, got, shape)
+        problem = check_array(quantity, got, shape)
         if problem is None and result_dtype is not None and result_dtype != dtype:
             problem = f"the framework returned {result_dtype} for a {dtype} input"
         if problem is not None:
@@ -373,7 +375,7 @@ def judge_result(
                 )
             )
             continue
-        record = _record_comparison(
+        record = record_comparison(
             item, quantity, comparisons[quantity], result_dtype, eps, units
         )
         record.compute_dtype = result.compute_dtype
@@ -420,7 +422,7 @@ def reference_pieces(item: Item, eps: float | None, inputs: Inputs | None = None
         yield start, stop, *reference_from_inputs(piece, use_eps, operator)
 
 
-def _array_dtype(array: object, dtype: str) -> str | None:
+def array_dtype(array: object, dtype: str) -> str | None:
     """Return the dtype a result array shows when the adapter declared none: its
     NumPy dtype, except that a float32 array is bfloat16's container."""
     if not isinstance(array, np.ndarray) or array.dtype.name not in dtypes.DTYPES:
@@ -430,7 +432,7 @@ def _array_dtype(array: object, dtype: str) -> str | None:
     return array.dtype.name
 
 
-def _record_comparison(
+def record_comparison(
     item: Item,
     quantity: str,
     comparison: error_model.Comparison,
@@ -443,7 +445,7 @@ def _record_comparison(
         message = f"{quantity}: empty, nothing to compare"
     else:
         where = ", ".join(str(i) for i in comparison.index)
-        if item.case.layout == "channels_last" and quantity in ("output", "grad_input"):
+        if item.case.layout == "channels_last" and quantity in X_SHAPED:
             # Indexes are in (N, C, *spatial) order, whatever the layout.
             where += " in (N, C, ...) order"
         relation = "<=" if comparison.within_budget else ">"
@@ -601,11 +603,29 @@ def _run(
         inputs = item_inputs(item)
     request = build_request(item, inputs, gradients)
     quantities = quantities_for(item.case, gradients)
+    result, records = call_adapter(adapter, item, request, quantities)
+    if records is not None:
+        return records
+    return judge_result(item, result, gradients, given)
 
+
+def call_adapter(
+    adapter: object,
+    item: Item,
+    request: Request,
+    quantities: tuple[str, ...],
+    caches: tuple = (),
+) -> tuple[object, list[Record] | None]:
+    """Run the request through the adapter. Returns (result, None), or (None, one
+    record per quantity) when the adapter raised, its worker failed, or it changed
+    an input in place. In that last case the input caches are cleared, with the
+    further functools caches `caches`."""
     # An isolated adapter's worker checks its own copy of the inputs; here the
     # adapter works on the cached arrays, which every later item shares.
     in_process = not isinstance(adapter, isolation.IsolatedAdapter)
     before = isolation.input_snapshot(request) if in_process else None
+    if before is not None and request.grad_grad_input is not None:
+        before["grad_grad_input"] = request.grad_grad_input.copy()
     try:
         result = adapter.run(request)
     except Rejected as rejection:
@@ -615,26 +635,26 @@ def _run(
         else:
             note = "rejection not allowed: this input has a well-defined answer"
         message = f"{rejection} [{note}]"
-        return [item.record(q, "rejected", allowed, message) for q in quantities]
+        return None, [item.record(q, "rejected", allowed, message) for q in quantities]
     except isolation.WorkerFailure as failure:
-        return [item.record(q, "error", False, str(failure)) for q in quantities]
+        return None, [item.record(q, "error", False, str(failure)) for q in quantities]
     except Exception as crash:  # noqa: BLE001 - any adapter failure is a verdict
         last = traceback.extract_tb(crash.__traceback__)[-1]
         message = (
             f"adapter raised {type(crash).__name__}: {crash} "
             f"(at {last.filename}:{last.lineno})"
         )
-        return [item.record(q, "error", False, message) for q in quantities]
+        return None, [item.record(q, "error", False, message) for q in quantities]
 
     if before is not None:
         current = {name: getattr(request, name) for name in before}
         changed = isolation.changed_inputs_message(current, before)
         if changed is not None:
             # Later items must not see the changed arrays: drop the caches.
-            materialize.cache_clear()
-            catalogue_reference.cache_clear()
-            return [item.record(q, "error", False, changed) for q in quantities]
-    return judge_result(item, result, gradients, given)
+            for cache in (materialize, catalogue_reference, *caches):
+                cache.cache_clear()
+            return None, [item.record(q, "error", False, changed) for q in quantities]
+    return result, None
 
 
 def json_number(value: float | None) -> float | str | None:
