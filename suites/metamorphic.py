@@ -1,13 +1,18 @@
-"""Relations every correct InstanceNorm satisfies, checked by running it twice.
+"""Relations every correct normalization satisfies, checked by running it twice.
 
 Each relation compares an adapter's results on two inputs, or the parts of one
 result, with no float64 reference value in the comparison:
 
     shift               y(x + c) = y(x); dx, dgamma and dbeta are unchanged too
     scale               with eps = 0, y(a * x) = y(x), dx(a * x) = dx(x) / a
-    slice-independence  changing slice (0, 0) leaves every other slice's y and dx,
-                        and every other channel's dgamma and dbeta, unchanged
+    slice-independence  changing the normalized slice of element (0, 0, ...) leaves
+                        every other slice's y and dx, and the parameter gradients
+                        that sum no element of it, unchanged
     gradient-sums       per slice, sum(dx) = 0, and with eps = 0 sum(dx * xhat) = 0
+
+A slice is what the operator normalizes together: an (n, c) slice for InstanceNorm,
+a channel for BatchNorm, an (n, group) for GroupNorm (here G = 1 of 3 channels, so
+a sample) and a sample for LayerNorm (here over its last three axes).
 
 The inputs are multiples of 1/8 below 2 in magnitude, and c and a are powers of two
 chosen per dtype, so that x + c and a * x are exact in the tested dtype. The two runs
@@ -23,8 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters.contract import Rejected, Request, Result
-from references import instance_norm as reference
+from references.family import INSTANCE_NORM, Operator
 from suites import dtypes, error_model
+from suites.cases import Inputs
+from suites.verdicts import reference_from_inputs
 
 RELATIONS = ("shift", "scale", "slice-independence", "gradient-sums")
 SHAPE = (2, 3, 4, 6)
@@ -49,21 +56,35 @@ class Outcome:
     message: str
 
 
-def grid_inputs(dtype: str, seed: int) -> dict[str, np.ndarray]:
-    """Return x, gamma, beta and dy as multiples of 1/8, exact in every dtype."""
+def grid_operator(name: str) -> Operator:
+    """Return the operator `name` as the relations pose it on SHAPE."""
+    if name == "group_norm":
+        return Operator(name, groups=1)
+    if name == "layer_norm":
+        return Operator(name, normalized_ndim=len(SHAPE) - 1)
+    return Operator(name)
+
+
+def grid_inputs(
+    dtype: str, seed: int, operator: Operator = INSTANCE_NORM
+) -> dict[str, np.ndarray]:
+    """Return x, gamma, beta and dy as multiples of 1/8, exact in every dtype,
+    gamma and beta shaped for the operator."""
     rng = np.random.default_rng([seed, 8])
+    parameters = operator.parameter_shape(SHAPE)
     arrays = {
         "x": rng.integers(-16, 17, SHAPE) / 8.0,
-        "gamma": rng.integers(4, 13, SHAPE[1]) / 8.0,
-        "beta": rng.integers(-8, 9, SHAPE[1]) / 8.0,
+        "gamma": rng.integers(4, 13, parameters) / 8.0,
+        "beta": rng.integers(-8, 9, parameters) / 8.0,
         "grad_output": rng.integers(-16, 17, SHAPE) / 8.0,
     }
     return {name: dtypes.round_to(values, dtype) for name, values in arrays.items()}
 
 
 def _run(adapter, implementation, device: str, dtype: str, arrays, eps: float):
+    operator = grid_operator(implementation.operator)
     request = Request(
-        op="instance_norm",
+        op=operator.name,
         implementation=implementation.name,
         device=device,
         dtype=dtype,
@@ -74,6 +95,8 @@ def _run(adapter, implementation, device: str, dtype: str, arrays, eps: float):
         eps=eps,
         affine=True,
         gradients=implementation.gradients,
+        groups=operator.groups,
+        normalized_ndim=operator.normalized_ndim,
     )
     result = adapter.run(request)
     if not isinstance(result, Result):
@@ -81,16 +104,16 @@ def _run(adapter, implementation, device: str, dtype: str, arrays, eps: float):
     return result
 
 
-def _reference(arrays, eps: float):
+def _reference(arrays, eps: float, operator: Operator = INSTANCE_NORM):
     """Return the float64 reference of the inputs and its error scales. The
     relations use xhat and the scales only, never the reference's results."""
-    expected = reference.instance_norm(
-        arrays["x"], arrays["gamma"], arrays["beta"], arrays["grad_output"], eps
+    inputs = Inputs(
+        x=arrays["x"],
+        gamma=arrays["gamma"],
+        beta=arrays["beta"],
+        grad_output=arrays["grad_output"],
     )
-    scales = error_model.scales(
-        arrays["x"], arrays["gamma"], arrays["beta"], arrays["grad_output"], expected
-    )
-    return expected, scales
+    return reference_from_inputs(inputs, eps, operator)
 
 
 def _worst(
@@ -108,11 +131,15 @@ def _worst(
     return float(np.max(errors)) if errors.size else 0.0
 
 
-def _outcome(relation: str, worst: dict[str, float], dtype: str) -> Outcome:
-    m = int(np.prod(SHAPE[2:]))
+def _outcome(
+    relation: str, worst: dict[str, float], dtype: str, operator: Operator
+) -> Outcome:
+    m = error_model.budget_reduction_length("output", SHAPE, operator)
     limits = {
         quantity: error_model.budget(
-            quantity, dtype, error_model.budget_reduction_length(quantity, SHAPE)
+            quantity,
+            dtype,
+            error_model.budget_reduction_length(quantity, SHAPE, operator),
         )
         for quantity in worst
     }
@@ -127,11 +154,13 @@ def _state(satisfied: bool) -> str:
     return "satisfied" if satisfied else "violated"
 
 
-def _scale_outcome(plain, scaled, plain_scale, scaled_inputs, dtype: str) -> Outcome:
+def _scale_outcome(
+    plain, scaled, plain_scale, scaled_inputs, dtype: str, operator: Operator
+) -> Outcome:
     """Judge y(a * x) = y(x) and a * dx(a * x) = dx(x) from two runs with eps = 0,
     given the error scales of the unscaled inputs."""
     gradients = plain.grad_input is not None and scaled.grad_input is not None
-    _, small_scale = _reference(scaled_inputs, 0.0)
+    _, small_scale = _reference(scaled_inputs, 0.0, operator)
     worst = {
         "output": _worst(
             scaled.output,
@@ -147,24 +176,32 @@ def _scale_outcome(plain, scaled, plain_scale, scaled_inputs, dtype: str) -> Out
             plain_scale["grad_input"] + small_scale["grad_input"] * SCALE,
             dtype,
         )
-    return _outcome("scale", worst, dtype)
+    return _outcome("scale", worst, dtype, operator)
 
 
-def _gradient_sums(grad_input, expected, scales, dtype: str, with_xhat: bool):
+def _slice_sums(values: np.ndarray, operator: Operator) -> np.ndarray:
+    """Return the sums of an x-shaped array over each normalized slice."""
+    view = np.reshape(values, operator.view_shape(SHAPE))
+    return np.sum(view, axis=operator.axes(SHAPE))
+
+
+def _gradient_sums(
+    grad_input, expected, scales, dtype: str, with_xhat: bool, operator: Operator
+):
     """Judge sum(dx) = 0 per slice, and with `with_xhat` (eps = 0) also
     sum(dx * xhat) = 0. `expected` and `scales` are those of the inputs, with the
     eps the run used."""
     dx = np.asarray(grad_input, dtype=np.float64)
     scale = scales["grad_input"]
-    axes = tuple(range(2, len(SHAPE)))
-    sums = {"grad_input": (np.sum(dx, axis=axes), np.sum(scale, axis=axes))}
+    sums = {"grad_input": (_slice_sums(dx, operator), _slice_sums(scale, operator))}
     if with_xhat:
         sums["grad_input * xhat"] = (
-            np.sum(dx * expected.xhat, axis=axes),
-            np.sum(scale * np.abs(expected.xhat), axis=axes),
+            _slice_sums(dx * expected.xhat, operator),
+            _slice_sums(scale * np.abs(expected.xhat), operator),
         )
     unit = dtypes.UNIT_ROUNDOFF[dtype]
-    limit = error_model.budget("grad_input", dtype, int(np.prod(SHAPE[2:])))
+    length = error_model.budget_reduction_length("grad_input", SHAPE, operator)
+    limit = error_model.budget("grad_input", dtype, length)
     worst_error, parts = 0.0, []
     for name, (total, total_scale) in sums.items():
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -179,14 +216,35 @@ def _gradient_sums(grad_input, expected, scales, dtype: str, with_xhat: bool):
     return Outcome("gradient-sums", satisfied, worst_error, limit, message)
 
 
+def first_slice(operator: Operator) -> np.ndarray:
+    """Return the mask of the elements of an x of SHAPE that the operator
+    normalizes together with element (0, 0, ...)."""
+    view = operator.view_shape(SHAPE)
+    axes = operator.axes(SHAPE)
+    mask = np.zeros(view, dtype=bool)
+    mask[tuple(slice(None) if axis in axes else 0 for axis in range(len(view)))] = True
+    return mask.reshape(SHAPE)
+
+
+def untouched_parameters(operator: Operator, changed: np.ndarray) -> np.ndarray:
+    """Return the mask of the parameter-gradient elements whose sums include no
+    changed element of x."""
+    view = operator.view_shape(SHAPE)
+    spans = operator.spans(SHAPE)
+    shared = tuple(axis for axis in range(len(view)) if axis not in spans)
+    touched = np.any(changed.reshape(view), axis=shared)
+    return ~touched.reshape(operator.parameter_shape(SHAPE))
+
+
 def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
     """Run every relation for one implementation, device and dtype; return a list
     of Outcome in RELATIONS order."""
-    base = grid_inputs(dtype, seed)
+    operator = grid_operator(implementation.operator)
+    base = grid_inputs(dtype, seed, operator)
     gradients = implementation.gradients
     quantities = error_model.QUANTITIES if gradients else ("output",)
     result = _run(adapter, implementation, device, dtype, base, EPS)
-    base_expected, base_scale = _reference(base, EPS)
+    base_expected, base_scale = _reference(base, EPS, operator)
     outcomes = []
 
     shifted = dict(base, x=dtypes.round_to(base["x"] + SHIFT[dtype], dtype))
@@ -195,7 +253,7 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
     ):
         raise ValueError(f"x + {SHIFT[dtype]:g} is not exact in {dtype}")
     moved = _run(adapter, implementation, device, dtype, shifted, EPS)
-    _, shift_scale = _reference(shifted, EPS)
+    _, shift_scale = _reference(shifted, EPS, operator)
     worst = {
         q: _worst(
             getattr(moved, q),
@@ -205,7 +263,7 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
         )
         for q in quantities
     }
-    outcomes.append(_outcome("shift", worst, dtype))
+    outcomes.append(_outcome("shift", worst, dtype, operator))
 
     scaled_inputs = dict(base, x=dtypes.round_to(base["x"] * SCALE, dtype))
     try:
@@ -217,36 +275,35 @@ def check(adapter, implementation, device: str, dtype: str, seed: int = 0):
         message = f"scale not checked: the implementation rejects eps = 0 ({rejection})"
         outcomes.append(Outcome("scale", None, 0.0, 0.0, message))
     else:
-        plain_expected, plain_scale = _reference(base, 0.0)
+        plain_expected, plain_scale = _reference(base, 0.0, operator)
         outcomes.append(
-            _scale_outcome(plain, scaled, plain_scale, scaled_inputs, dtype)
+            _scale_outcome(plain, scaled, plain_scale, scaled_inputs, dtype, operator)
         )
 
+    changed_slice = first_slice(operator)
     changed_x = np.array(base["x"], dtype=np.float64)
-    changed_x[0, 0] = -changed_x[0, 0] + 0.5
+    changed_x[changed_slice] = -changed_x[changed_slice] + 0.5
     changed = dict(base, x=dtypes.round_to(changed_x, dtype))
     other = _run(adapter, implementation, device, dtype, changed, EPS)
-    others = np.ones(SHAPE, dtype=bool)
-    others[0, 0] = False
-    channels = np.arange(SHAPE[1]) != 0
+    untouched = untouched_parameters(operator, changed_slice)
     worst = {}
     for q in quantities:
-        where = others if q in ("output", "grad_input") else channels
+        where = ~changed_slice if q in ("output", "grad_input") else untouched
         worst[q] = _worst(
             getattr(other, q), getattr(result, q), 2.0 * base_scale[q], dtype, where
         )
-    outcomes.append(_outcome("slice-independence", worst, dtype))
+    outcomes.append(_outcome("slice-independence", worst, dtype, operator))
 
     if gradients:
         # sum(dx * xhat) is 0 only with eps = 0, where sum(xhat^2) = M exactly; with
         # eps > 0 it is rstd * eps / (var + eps) * sum(g * xhat).
         if plain is not None:
             outcome = _gradient_sums(
-                plain.grad_input, plain_expected, plain_scale, dtype, True
+                plain.grad_input, plain_expected, plain_scale, dtype, True, operator
             )
         else:
             outcome = _gradient_sums(
-                result.grad_input, base_expected, base_scale, dtype, False
+                result.grad_input, base_expected, base_scale, dtype, False, operator
             )
         outcomes.append(outcome)
     return outcomes

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from adapters.contract import OPERATORS
 from suites import cases, files, report
+from suites.deviations import METAMORPHIC_CASE
 from suites.verdicts import VERDICTS, json_number
 
 MERGED_SCHEMA = "normconf-merged-report"
@@ -389,6 +390,10 @@ def headroom(record: dict) -> float | None:
 
 
 def case_group(case_name: str) -> str:
+    """Return the catalogue group of a case; the metamorphic suite's records form
+    their own group."""
+    if case_name == METAMORPHIC_CASE:
+        return METAMORPHIC_CASE
     try:
         return cases.by_name(case_name).group
     except KeyError:
@@ -472,7 +477,8 @@ def _source_rows(sources: dict[str, dict]) -> list[list[str]]:
 def _matrix_lines(results: list[dict]) -> list[str]:
     catalogue_order = list(dict.fromkeys(case.group for case in cases.CATALOGUE))
     present = {case_group(record["case"]) for record in results}
-    groups = [group for group in [*catalogue_order, UNKNOWN_GROUP] if group in present]
+    order = [*catalogue_order, METAMORPHIC_CASE, UNKNOWN_GROUP]
+    groups = [group for group in order if group in present]
 
     counts: dict[tuple[str, str], Counter] = {}
     worst: dict[tuple[str, str], float] = {}
@@ -1274,7 +1280,7 @@ def _case_columns(results: list[dict]) -> list[dict]:
     ordered = [case.name for case in cases.CATALOGUE if case.name in present]
     ordered += sorted(present - set(ordered))
     group_order = list(dict.fromkeys(case.group for case in cases.CATALOGUE))
-    group_order.append(UNKNOWN_GROUP)
+    group_order += [METAMORPHIC_CASE, UNKNOWN_GROUP]
     ordered.sort(key=lambda name: group_order.index(case_group(name)))
     return [{"case": name, "group": case_group(name)} for name in ordered]
 

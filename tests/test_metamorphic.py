@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from adapters.contract import Rejected
-from suites import dtypes, metamorphic
-from tests import faults
+from suites import deviations, dtypes, metamorphic
+from tests import family_faults, faults
 
 
 class EpsRaisedTo1e5(faults.Float32Kernel):
@@ -80,3 +80,59 @@ def test_rejected_eps_zero_leaves_relations_unchecked():
     assert found["gradient-sums"].satisfied
     assert "not checked" in found["gradient-sums"].message
     assert found["shift"].satisfied
+
+
+# The family's operators (tests/family_faults.py), each on its own slices.
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("operator", family_faults.OPERATORS)
+def test_family_kernel_satisfies_every_relation(operator, seed):
+    adapter = family_faults.FamilyKernel()
+    implementation = next(
+        item for item in adapter.implementations() if item.operator == operator
+    )
+    found = metamorphic.check(adapter, implementation, "cpu", "float32", seed)
+    assert [outcome.relation for outcome in found] == list(metamorphic.RELATIONS)
+    for outcome in found:
+        assert outcome.satisfied, outcome.message
+
+
+@pytest.mark.parametrize(
+    ("fault", "operator", "relation"),
+    [
+        (family_faults.OnePassVariance, "group_norm", "shift"),
+        (family_faults.OnePassVariance, "layer_norm", "shift"),
+        (family_faults.OnePassVariance, "batch_norm", "shift"),
+        (family_faults.UnbiasedBatchVariance, "batch_norm", "gradient-sums"),
+    ],
+    ids=["one-pass-gn", "one-pass-ln", "one-pass-bn", "unbiased-bn-sums"],
+)
+def test_family_relation_catches_defect(fault, operator, relation):
+    adapter = fault()
+    implementation = next(
+        item for item in adapter.implementations() if item.operator == operator
+    )
+    found = metamorphic.check(adapter, implementation, "cpu", "float32")
+    outcome = {item.relation: item for item in found}[relation]
+    assert outcome.satisfied is False, outcome.message
+
+
+def test_first_slice_per_operator():
+    sizes = {
+        name: int(metamorphic.first_slice(metamorphic.grid_operator(name)).sum())
+        for name in family_faults.OPERATORS + ("instance_norm",)
+    }
+    # SHAPE is (2, 3, 4, 6): a slice of 24, a channel over two samples, a sample.
+    assert sizes == {
+        "instance_norm": 24,
+        "batch_norm": 48,
+        "group_norm": 72,
+        "layer_norm": 72,
+    }
+
+
+def test_deviations_know_the_relations():
+    # suites/deviations.py keeps its own copy, so that deviation entries may name
+    # a relation as their quantity.
+    assert deviations.RELATIONS == metamorphic.RELATIONS
