@@ -380,6 +380,13 @@ CATALOGUE: tuple[Case, ...] = (
         layout="channels_last",
     ),
     Case(
+        "channels-last-batch-of-one",
+        "layout",
+        "one sample of normal x handed over as (N, H, W, C)",
+        (1, 3, 4, 5),
+        layout="channels_last",
+    ),
+    Case(
         "channels-last-large-mean-2d",
         "layout",
         "offset 1e4, unit spread, handed over as (N, H, W, C)",
