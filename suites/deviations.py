@@ -33,7 +33,10 @@ from suites.cases import CATALOGUE
 from suites.error_model import QUANTITIES, SECOND_ORDER_QUANTITIES
 
 DEFAULT_PATH = Path(__file__).with_name("deviations.toml")
-REPLACEABLE = ("fail", "rejected")
+# An `error` is replaceable too, for a framework whose known defect makes every
+# returned number NaN, which the suite rates `error` ("the backend returned no
+# numbers"); an entry must name it in `verdicts`.
+REPLACEABLE = ("fail", "rejected", "error")
 REQUIRED = ("framework", "versions", "reason", "link", "date")
 STRING_LISTS = ("items", "implementations", "cases", "devices", "dtypes", "quantities")
 OPTIONAL = (*STRING_LISTS, "verdicts", "message", "max_error", "intermittent")
@@ -42,15 +45,15 @@ OPTIONAL = (*STRING_LISTS, "verdicts", "message", "max_error", "intermittent")
 DRAFT_MARK = "TODO"
 FILE_HEADER = """\
 # Known differences between a framework and the exact answer, each with evidence.
-# A matching `fail` (or, where `verdicts` says so, `rejected`) record becomes
+# A matching `fail` (or, where `verdicts` says so, `rejected` or `error`) record becomes
 # `deviation`: the item passes and the report keeps the measured error. Keys:
 #   framework, versions (PEP 440 specifiers), reason, link, date: required
 #   items: test id patterns (fnmatch: * and ?), each matched against the whole id
 #     framework-implementation-device-dtype-case
 #   implementations, cases: exact names; give items, or both of these, or all three
 #   devices, dtypes, quantities: optional, exact; omitted means every one
-#   verdicts: optional, the verdicts expected and replaced ("fail", "rejected");
-#     default ["fail"]
+#   verdicts: optional, the verdicts expected and replaced ("fail", "rejected",
+#     "error"); default ["fail"]
 #   message: optional regular expression that the measured message must contain
 #   max_error: optional, the largest normalized error (u) the entry covers
 #   intermittent: optional, true when the difference shows in some seeds only; such

@@ -91,6 +91,17 @@ def test_other_case_not_matched(tmp_path):
     assert row["verdict"] == "fail"
 
 
+def test_error_replaced_only_when_named(tmp_path):
+    # A framework whose known defect returns NaN everywhere gets `error`.
+    plain = deviations.load(write(tmp_path, ENTRY))
+    row = record(verdict="error")
+    deviations.apply([row], plain, "2.13.0")
+    assert row["verdict"] == "error"
+    named = deviations.load(write(tmp_path, ENTRY + "verdicts = ['error']\n"))
+    deviations.apply([row], named, "2.13.0")
+    assert row["verdict"] == "deviation"
+
+
 def test_rejected_needs_explicit_verdicts(tmp_path):
     entries = deviations.load(write(tmp_path, ENTRY))
     row = record(verdict="rejected")
@@ -113,7 +124,7 @@ def test_conforming_record_untouched(tmp_path):
         (ENTRY.replace(">=2.10", "newest"), "invalid versions"),
         (ENTRY + "dtypes = ['float8']\n", "unknown dtype 'float8'"),
         (ENTRY + "quantities = ['grad_x']\n", "unknown quantity 'grad_x'"),
-        (ENTRY + "verdicts = ['error']\n", "cannot be replaced"),
+        (ENTRY + "verdicts = ['unsupported']\n", "cannot be replaced"),
         (ENTRY.replace('["eps0"]', "[]"), "cases must not be empty"),
         (ENTRY.replace('["eps0"]', '"eps0"'), "cases must be a list"),
         ("deviation = 1\n", "use [[deviation]] tables"),
