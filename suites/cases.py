@@ -514,6 +514,12 @@ CATALOGUE: tuple[Case, ...] = (
         posed_in=("float32",),
         posed_reason="each item takes seconds and 1 GiB of inputs and results, so "
         "one dtype keeps the matrix's time and memory bounded",
+        # LayerNorm over each (n, c) plane, M = 2^18 as for the other operators.
+        # NOTE: over (C, H, W), 2^20 elements, a float32 kernel summing one
+        # element at a time (MXNet 1.9.1's LayerNorm) exceeds the budget by half:
+        # its rounding is biased at that length, which the budget's sqrt(M)
+        # growth does not cover.
+        normalized_ndim=2,
     ),
     Case("eps0", "eps", "eps = 0 on well-conditioned normal x", (2, 3, 6, 6), eps=0.0),
     Case("eps1e-3", "eps", "eps = 1e-3", (2, 3, 6, 6), eps=1e-3),
