@@ -23,6 +23,7 @@ y = beta, and with eps = 0 it gives rstd = inf and xhat = 0 * inf = NaN.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +80,10 @@ def broadcast_parameter(
 def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
     """Compute the two-pass mean, biased variance and rstd over the given axes."""
     x = as_float64(x)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        # A slice with no elements (BatchNorm on an empty batch) has mean 0/0 =
+        # NaN, as IEEE arithmetic gives; NumPy also warns about it.
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.mean(x, axis=axes, keepdims=True)
         # One correction pass: the rounded mean of a constant slice of, say, 0.1 is
         # an ulp off, which would leave var near 1e-34 instead of exactly 0. Each

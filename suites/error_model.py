@@ -28,6 +28,7 @@ covers, so it fails on inputs with a large mean and a small spread.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +154,9 @@ def scales(
         np.abs(beta) if beta is not None else np.zeros(parameters), ndim, spans
     )
 
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
+        # An empty slice (BatchNorm on an empty batch) has a NaN mean.
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean_abs = np.mean(np.abs(x), axis=axes, keepdims=True)
         s = (np.abs(x) + mean_abs) * expected.rstd
         abs_g = abs_gamma * np.abs(dy)
@@ -262,7 +265,12 @@ def second_order_scales(
     def per_slice(values: np.ndarray) -> np.ndarray:
         return np.sum(values, axis=axes, keepdims=True)
 
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    with (
+        np.errstate(invalid="ignore", over="ignore", divide="ignore"),
+        warnings.catch_warnings(),
+    ):
+        # An empty slice (BatchNorm on an empty batch) has a NaN mean.
+        warnings.simplefilter("ignore", RuntimeWarning)
         r = expected.rstd
         xhat = expected.xhat
         abs_xhat = np.abs(xhat)

@@ -15,6 +15,7 @@ Like tests/faults.py these are ordinary adapters:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -123,7 +124,12 @@ class FamilyKernel(Adapter):
         x, dy = x.reshape(view), dy.reshape(view)
         m = int(np.prod([view[axis] for axis in axes]))
 
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        with (
+            np.errstate(invalid="ignore", over="ignore", divide="ignore"),
+            # The mean of an empty batch is NaN, which NumPy warns about.
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.mean(x, axis=axes, keepdims=True, dtype=F32)
             var = self.variance(x, mean, axes)
             rstd = F32(1.0) / np.sqrt(var + F32(request.eps))
@@ -228,12 +234,11 @@ def _with_groups(request: Request, groups: int) -> Request:
     return dataclasses.replace(request, groups=groups)
 
 
-def run_case(
-    adapter: FamilyKernel, operator: str, case_name: str, seed: int
-) -> dict[str, Record]:
-    """Judge one catalogue case computed by the kernel's `operator`, as the suite
-    does, and return the records by quantity (unsupported where the case is not
-    posed for the operator or the dtype)."""
+def operator_item(
+    adapter: Adapter, operator: str, case_name: str, seed: int
+) -> tuple[Implementation, Item]:
+    """Return the adapter's implementation of `operator` and its item for one
+    catalogue case, in the adapter's dtype on its first device."""
     case = cases.by_name(case_name)
     implementation = next(
         candidate
@@ -243,12 +248,22 @@ def run_case(
     item = Item(
         adapter.framework,
         implementation.name,
-        "cpu",
+        adapter.devices()[0].name,
         adapter.dtype,
         case,
         seed,
         case.operator(operator),
     )
+    return implementation, item
+
+
+def run_case(
+    adapter: FamilyKernel, operator: str, case_name: str, seed: int
+) -> dict[str, Record]:
+    """Judge one catalogue case computed by the kernel's `operator`, as the suite
+    does, and return the records by quantity (unsupported where the case is not
+    posed for the operator or the dtype)."""
+    implementation, item = operator_item(adapter, operator, case_name, seed)
     reason = unsupported_reason(adapter, implementation, adapter.devices()[0], item)
     if reason is not None:
         records = unsupported_records(item, reason, implementation.gradients)

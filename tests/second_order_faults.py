@@ -31,8 +31,9 @@ from adapters.contract import (
     Request,
     Result,
 )
-from suites import cases, second_order
-from suites.verdicts import Item, Record
+from suites import second_order
+from suites.verdicts import Record
+from tests.family_faults import operator_item
 from tests.faults import _serial_sum
 
 
@@ -253,21 +254,7 @@ def run_case(
     """Judge one case's second derivatives computed by the kernel's `operator`, as
     the suite does, and return the records by quantity (unsupported where the case
     is not posed for the operator, the dtype or second derivatives)."""
-    case = cases.by_name(case_name)
-    implementation = next(
-        candidate
-        for candidate in adapter.implementations()
-        if candidate.operator == operator
-    )
-    item = Item(
-        adapter.framework,
-        implementation.name,
-        "cpu",
-        adapter.dtype,
-        case,
-        seed,
-        case.operator(operator),
-    )
+    implementation, item = operator_item(adapter, operator, case_name, seed)
     device = adapter.devices()[0]
     reason = second_order.unsupported_reason(adapter, implementation, device, item)
     if reason is not None:
