@@ -8,13 +8,11 @@ the case `metamorphic` and the relation as its quantity.
 
 from __future__ import annotations
 
-import shlex
-
 import pytest
 
 from adapters.contract import Rejected
 from suites import deviations, metamorphic
-from suites.plugin import RECORDS_KEY, MetamorphicTarget, state_key
+from suites.plugin import RECORDS_KEY, MetamorphicTarget, command_for_test, state_key
 from suites.verdicts import Record
 
 CASE = deviations.METAMORPHIC_CASE
@@ -99,17 +97,12 @@ def test_metamorphic(metamorphic_target: MetamorphicTarget, request):
     state = config.stash[state_key]
     rows = [dict(vars(record)) for record in _records(target)]
     deviations.apply(rows, state.deviations, target.adapter.version())
-    kind, name = state.sources[target.adapter.framework]
-    command = shlex.join(
-        [
-            "python",
-            "-m",
-            "pytest",
-            f"{request.node.path}::{request.node.name}",
-            f"--seed={target.seed}",
-            f"--{kind}={name}",
-        ]
-    )
+    options = [
+        f"--seed={target.seed}",
+        f"--dtypes={target.dtype}",
+        f"--devices={target.device.name}",
+    ]
+    command = command_for_test(request, target.adapter.framework, options)
     for row in rows:
         row.update(command=command, replay_command=None, inputs=None)
         row["worst_slice"] = None
@@ -117,5 +110,6 @@ def test_metamorphic(metamorphic_target: MetamorphicTarget, request):
 
     if all(row["verdict"] == "unsupported" for row in rows):
         pytest.skip(rows[0]["message"])
-    for row in rows:
-        assert row["conforming"], f"{row['message']}\n  rerun: {command}"
+    failing = [row["message"] for row in rows if not row["conforming"]]
+    if failing:
+        pytest.fail("\n".join([*failing, f"  rerun: {command}"]), pytrace=False)

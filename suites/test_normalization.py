@@ -10,20 +10,9 @@ element, the value got, the value expected and the error against the budget.
 
 from __future__ import annotations
 
-import os
-import shlex
-from pathlib import Path
-
 import pytest
 
-from suites import deviations
-from suites.plugin import (
-    ISOLATION_DEFAULTS,
-    ORT_PROVIDERS_VARIABLE,
-    Target,
-    record_verdicts,
-    state_key,
-)
+from suites.plugin import Target, command_for_test, record_verdicts
 from suites.verdicts import (
     AdapterMethodError,
     error_records,
@@ -37,31 +26,13 @@ from suites.verdicts import (
 def rerun_command(request: pytest.FixtureRequest, target: Target) -> str:
     """Return a command that reruns this item alone with the same inputs, through
     the adapter that ran it, from the folder the run started in."""
-    config = request.config
-    state = config.stash[state_key]
     options = [
-        f"--seed={config.getoption('seed')}",
+        f"--seed={request.config.getoption('seed')}",
         f"--dtypes={target.item.dtype}",
         f"--devices={target.item.device}",
         f"--cases={target.item.case.name}",
     ]
-    kind, name = state.sources[target.adapter.framework]
-    options.append(f"--{kind}={name}")
-    if config.getoption("deviations") != str(deviations.DEFAULT_PATH):
-        options.append(f"--deviations={config.getoption('deviations')}")
-    for option, default in ISOLATION_DEFAULTS.items():
-        value = config.getoption(option)
-        if value != default:
-            options.append(f"--{option.replace('_', '-')}={value}")
-    providers = os.environ.get(ORT_PROVIDERS_VARIABLE)
-    if providers and target.adapter.framework.startswith("onnxruntime"):
-        options.append(f"--ort-providers={providers}")
-    # A node id is relative to the rootdir, so it names the test file only when
-    # the run started there. Elsewhere the command uses the file's absolute path.
-    node = request.node.nodeid
-    if Path.cwd() != config.rootpath:
-        node = f"{request.node.path}::{request.node.name}"
-    return shlex.join(["python", "-m", "pytest", node, *options])
+    return command_for_test(request, target.adapter.framework, options)
 
 
 def test_normalization(conformance_target: Target, request: pytest.FixtureRequest):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 
 from suites import deviations, properties, replay
-from suites.plugin import PropertyTarget, state_key
+from suites.plugin import RECORDS_KEY, PropertyTarget, command_for_test, state_key
 from suites.verdicts import Item, run_item, unsupported_reason
 
 
@@ -102,7 +102,16 @@ def test_properties(property_target: PropertyTarget, request: pytest.FixtureRequ
     # Outside the except block, so that the failure shows without the traceback
     # of the exception Hypothesis raised.
     item, rows = failures[-1]
-    pytest.fail(_failure_report(request, target, item, rows, seed), pytrace=False)
+    message, command, replay_command = _failure_report(
+        request, target, item, rows, seed
+    )
+    # The smallest failing example's records go into the report like a
+    # catalogue item's, under its drawn case name.
+    for row in rows:
+        row.update(command=command, replay_command=replay_command, inputs=None)
+        row["worst_slice"] = None
+    request.node.user_properties.append((RECORDS_KEY, rows))
+    pytest.fail(message, pytrace=False)
 
 
 def _failure_report(
@@ -111,15 +120,26 @@ def _failure_report(
     item: Item,
     rows: list[dict],
     seed: int,
-) -> str:
-    """Write the failing example's replay bundle and return the failure message:
-    the verdicts, the replay command and the catalogue entry to add."""
-    source = request.config.stash[state_key].sources[target.adapter.framework]
+) -> tuple[str, str, str]:
+    """Write the failing example's replay bundle. Return the failure message (the
+    verdicts, the commands and the catalogue entry to add), the command that
+    reruns the property test, and the command that replays the bundle."""
+    config = request.config
+    source = config.stash[state_key].sources[target.adapter.framework]
     failing = [row for row in rows if not row["conforming"]]
     summary = (
         f"{item.item_id}: {failing[0]['quantity']} {failing[0]['verdict']} "
         f"(operator {item.operator.label}, shape {item.case.shape})"
     )
+    options = [
+        f"--seed={seed}",
+        f"--dtypes={config.getoption('dtypes')}",
+        f"--devices={target.device.name}",
+        f"--properties={config.getoption('properties')}",
+    ]
+    if config.getoption("property_examples") is not None:
+        options.append(f"--property-examples={config.getoption('property_examples')}")
+    command = command_for_test(request, target.adapter.framework, options)
     bundle = replay.write_bundle(
         _bundle_folder(request),
         target.adapter,
@@ -127,12 +147,15 @@ def _failure_report(
         target.implementation,
         item,
         rows,
-        f"python -m pytest {request.node.nodeid} --seed={seed}",
+        command,
     )
+    replay_command = replay.replay_command(bundle, source)
     messages = "\n".join(f"  {row['message']}" for row in failing)
     entry = properties.catalogue_entry(item.case, seed, summary)
-    return (
+    message = (
         f"smallest failing example: {summary}\n{messages}\n"
-        f"  replay the bundle: {replay.replay_command(bundle, source)}\n"
+        f"  replay the bundle: {replay_command}\n"
+        f"  rerun the property test: {command}\n"
         f"  catalogue entry to add to suites/cases.py:\n{entry}"
     )
+    return message, command, replay_command

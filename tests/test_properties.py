@@ -109,3 +109,32 @@ def test_cases_option_runs_no_properties():
     assert completed.returncode == 0, completed.stdout[-3000:]
     assert "1 skipped" in completed.stdout
     assert "property tests draw theirs" in completed.stdout
+
+
+def test_failure_reaches_the_report(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.family_faults:LastAxisOnly",
+        "--dtypes=float32",
+        f"--report={report}",
+        "-k",
+        "test_properties and layer_norm",
+    )
+    assert completed.returncode == 1, completed.stdout[-3000:]
+    document = json.loads(report.read_text(encoding="utf-8"))
+    failing = [r for r in document["results"] if not r["conforming"]]
+    assert failing
+    assert {r["case"].split("-")[0] for r in failing} == {"property"}
+    command = failing[0]["command"]
+    assert "--adapter=tests.family_faults:LastAxisOnly" in command
+    assert "--properties=ci" in command
+    # Property tests stay out of the item count, so the run is complete.
+    assert document["run"]["complete"] is True
+
+
+def test_zero_examples_is_a_usage_error():
+    completed = run_suite(
+        "--adapter=tests.family_faults:FamilyKernel", "--property-examples=0"
+    )
+    assert completed.returncode == 4
+    assert "--property-examples must be a positive number" in completed.stderr
