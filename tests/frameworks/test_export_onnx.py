@@ -235,6 +235,7 @@ def test_onnxruntime_within_budget(golden, case_name, dtype):
         entry["unit_roundoff"],
         entry["quantities"]["output"]["budget"],
         manifest["error_model"]["overflow_threshold"][dtype],
+        entry["subnormal_allowance"],
     )
     budget = entry["quantities"]["output"]["budget"]
     assert passed, f"worst error {worst} u > budget {budget} u"
