@@ -500,9 +500,13 @@ def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
     }
     unknown = [name for name in requested if name not in known]
     if unknown:
+        declared = sorted(
+            {device.name for adapter in adapters for device in adapter.devices()}
+        )
         raise pytest.UsageError(
             f"--devices: unknown device {', '.join(unknown)}; "
-            f"the adapters declare: {', '.join(sorted(known))}"
+            f"the adapters declare: {', '.join(declared)} (a kind such as cuda, "
+            "or gpu for every GPU, selects too)"
         )
 
 

@@ -236,7 +236,7 @@ def test_deviation_replaces_fail(tmp_path):
         (["--adapter=tests.faults:Missing"], "not found in module"),
         (
             ["--adapter=tests.faults:Float32Kernel", "--devices=tpu"],
-            "unknown device tpu",
+            "unknown device tpu; the adapters declare: cpu (",
         ),
         (
             ["--adapter=tests.faults:Float32Kernel", "--deviations=/no/such/file.toml"],
