@@ -23,25 +23,22 @@ import functools
 
 import numpy as np
 
-from adapters.contract import Device, Implementation, Request, Result
+from adapters.contract import Device, Implementation, Request
 from references import instance_norm as first_order
 from references.family import INSTANCE_NORM, Operator
 from references.second_order import double_backward
-from suites import cases, dtypes, error_model, isolation
+from suites import cases, dtypes, error_model
 from suites.cases import Case, Inputs
 from suites.verdicts import (
     Item,
     Record,
-    array_dtype,
     build_request,
     call_adapter,
-    check_array,
-    from_layout,
     item_inputs,
-    layout_shape,
-    received_eps,
+    problem_record,
     record_comparison,
     to_layout,
+    unpack_result,
 )
 from suites.verdicts import unsupported_reason as first_order_unsupported_reason
 
@@ -228,28 +225,15 @@ def judge_result(
     case, dtype = item.case, item.dtype
     quantities = quantities_for(case)
 
-    def every(verdict: str, message: str, **fields) -> list[Record]:
-        return [item.record(q, verdict, False, message, **fields) for q in quantities]
-
-    if not isinstance(result, Result):
-        kind = (
-            result.type_name
-            if isinstance(result, isolation.Foreign)
-            else type(result).__name__
-        )
-        return every("error", f"adapter returned {kind}, not a Result")
-    eps, problem = received_eps(case.eps, result.eps)
-    if problem is None:
-        problem = dtypes.compute_dtype_problem(dtype, result.compute_dtype)
-    if problem is not None:
-        return every("error", problem)
-    units = dtypes.judging_dtype(dtype, result.compute_dtype)
-    result_dtype = result.dtype or array_dtype(result.grad2_input, dtype)
-    if result_dtype is not None and not isinstance(result_dtype, str):
-        name = getattr(result_dtype, "name", None)
-        if not isinstance(name, str):
-            return every("error", f"Result.dtype is {result_dtype!r}, not a dtype name")
-        result_dtype = name
+    if supplied is None:
+        x_shape = case.shape
+    else:
+        x_shape = supplied[0].x.shape
+    unpacked = unpack_result(item, result, quantities, x_shape, "grad2_input")
+    if isinstance(unpacked, str):
+        return [item.record(q, "error", False, unpacked) for q in quantities]
+    eps, units, result_dtype = unpacked.eps, unpacked.units, unpacked.result_dtype
+    arrays, problems = unpacked.arrays, unpacked.problems
 
     if supplied is None:
         reference = catalogue_reference(case, dtype, item.seed, eps, item.operator)
@@ -257,36 +241,11 @@ def judge_result(
         inputs, v = supplied
         use_eps = case.eps if eps is None else eps
         reference = reference_from_inputs(inputs, v, use_eps, item.operator)
-    x_shape = case.shape
-    arrays, problems = {}, {}
-    for quantity in quantities:
-        if quantity in X_SHAPED:
-            shape = layout_shape(x_shape, case.layout)
-        else:
-            shape = item.operator.parameter_shape(x_shape)
-        got = getattr(result, quantity)
-        problem = check_array(quantity, got, shape)
-        if problem is None and result_dtype is not None and result_dtype != dtype:
-            problem = f"the framework returned {result_dtype} for a {dtype} input"
-        if problem is not None:
-            problems[quantity] = problem
-        elif quantity in X_SHAPED:
-            arrays[quantity] = from_layout(got, case.layout)
-        else:
-            arrays[quantity] = got
 
     records = []
     for quantity in quantities:
         if quantity in problems:
-            records.append(
-                item.record(
-                    quantity,
-                    "error",
-                    False,
-                    problems[quantity],
-                    result_dtype=result_dtype,
-                )
-            )
+            records.append(problem_record(item, quantity, unpacked))
             continue
         comparison = error_model.compare(
             quantity,

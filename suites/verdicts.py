@@ -234,47 +234,63 @@ def reference_from_inputs(
     return operator.restore(expected, shape), scale
 
 
-def judge_result(
-    item: Item, result: object, gradients: bool, inputs: Inputs | None = None
-) -> list[Record]:
-    """Compare an adapter's result with the reference: one record per quantity.
+@dataclass(frozen=True)
+class Unpacked:
+    """An adapter's Result taken apart for judging: the eps and units the
+    reference and errors use, the dtype the framework returned, the arrays of the
+    quantities that are well formed (x-shaped ones in (N, C, *spatial) order) and
+    why each other quantity is not."""
 
-    The reference is computed from `inputs` when given (a replay bundle's arrays,
-    in (N, C, *spatial) order), otherwise from the catalogue case and seed.
+    eps: float | None
+    units: str
+    result_dtype: str | None
+    arrays: dict[str, np.ndarray]
+    problems: dict[str, str]
+
+
+def unpack_result(
+    item: Item,
+    result: object,
+    quantities: tuple[str, ...],
+    x_shape: tuple[int, ...],
+    dtype_source: str,
+) -> Unpacked | str:
+    """Check an adapter's result against the contract and return its parts, or
+    the message that makes every quantity an `error` (not a Result, an eps or
+    compute dtype the contract does not allow, a dtype that is not a name).
+
+    `dtype_source` names the quantity whose array shows the returned dtype when
+    the adapter declared none.
     """
     case, dtype = item.case, item.dtype
-    quantities = quantities_for(case, gradients)
     if not isinstance(result, Result):
         kind = (
             result.type_name
             if isinstance(result, isolation.Foreign)
             else type(result).__name__
         )
-        message = f"adapter returned {kind}, not a Result"
-        return [item.record(q, "error", False, message) for q in quantities]
+        return f"adapter returned {kind}, not a Result"
 
     eps, problem = received_eps(case.eps, result.eps)
     if problem is None:
         problem = dtypes.compute_dtype_problem(dtype, result.compute_dtype)
     if problem is not None:
-        return [item.record(q, "error", False, problem) for q in quantities]
+        return problem
     units = dtypes.judging_dtype(dtype, result.compute_dtype)
-    result_dtype = result.dtype or array_dtype(result.output, dtype)
+    result_dtype = result.dtype or array_dtype(getattr(result, dtype_source), dtype)
     if result_dtype is not None and not isinstance(result_dtype, str):
         # A NumPy dtype, or a framework's dtype object, in place of its name.
         name = getattr(result_dtype, "name", None)
         if not isinstance(name, str):
-            message = f"Result.dtype is {result_dtype!r}, not a dtype name"
-            return [item.record(q, "error", False, message) for q in quantities]
+            return f"Result.dtype is {result_dtype!r}, not a dtype name"
         result_dtype = name
-    x_shape = case.shape if inputs is None else inputs.x.shape
-    layout = case.layout
+
     problems: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
     for quantity in quantities:
-        x_shaped = quantity in ("output", "grad_input")
+        x_shaped = quantity in X_SHAPED
         shape = (
-            layout_shape(x_shape, layout)
+            layout_shape(x_shape, case.layout)
             if x_shaped
             else item.operator.parameter_shape(x_shape)
         )
@@ -285,7 +301,37 @@ def judge_result(
         if problem is not None:
             problems[quantity] = problem
         else:
-            arrays[quantity] = from_layout(got, layout) if x_shaped else got
+            arrays[quantity] = from_layout(got, case.layout) if x_shaped else got
+    return Unpacked(eps, units, result_dtype, arrays, problems)
+
+
+def problem_record(item: Item, quantity: str, unpacked: Unpacked) -> Record:
+    """Return the `error` record of a quantity whose array is malformed."""
+    return item.record(
+        quantity,
+        "error",
+        False,
+        unpacked.problems[quantity],
+        result_dtype=unpacked.result_dtype,
+    )
+
+
+def judge_result(
+    item: Item, result: object, gradients: bool, inputs: Inputs | None = None
+) -> list[Record]:
+    """Compare an adapter's result with the reference: one record per quantity.
+
+    The reference is computed from `inputs` when given (a replay bundle's arrays,
+    in (N, C, *spatial) order), otherwise from the catalogue case and seed.
+    """
+    case, dtype = item.case, item.dtype
+    quantities = quantities_for(case, gradients)
+    x_shape = case.shape if inputs is None else inputs.x.shape
+    unpacked = unpack_result(item, result, quantities, x_shape, "output")
+    if isinstance(unpacked, str):
+        return [item.record(q, "error", False, unpacked) for q in quantities]
+    eps, units, result_dtype = unpacked.eps, unpacked.units, unpacked.result_dtype
+    arrays, problems = unpacked.arrays, unpacked.problems
     # Arrays that are NaN throughout are an error, not a numerical failure, when
     # every exact value is finite. The loop over the pieces checks that.
     all_nan = len(arrays) == len(quantities) and all(
@@ -365,15 +411,7 @@ def judge_result(
     records = []
     for quantity in quantities:
         if quantity in problems:
-            records.append(
-                item.record(
-                    quantity,
-                    "error",
-                    False,
-                    problems[quantity],
-                    result_dtype=result_dtype,
-                )
-            )
+            records.append(problem_record(item, quantity, unpacked))
             continue
         record = record_comparison(
             item, quantity, comparisons[quantity], result_dtype, eps, units
