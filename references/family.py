@@ -12,6 +12,7 @@ beta have the shape of those k axes: one value per element of a normalized slice
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,27 +54,14 @@ def group_norm(
     samples, channels = x.shape[:2]
     if groups < 1 or channels % groups:
         raise ValueError(f"{groups} groups do not divide {channels} channels")
-    affine = gamma is not None
-    gamma, beta = _affine((channels,), gamma, beta)
-
-    view_shape = (samples, groups, channels // groups, *x.shape[2:])
-    view = x.reshape(view_shape)
-    dy = normalization.as_float64(grad_output).reshape(view_shape)
-    axes = tuple(range(2, view.ndim))
-    spans = (1, 2)
-    gamma_view = gamma.reshape(groups, channels // groups)
-    beta_view = beta.reshape(groups, channels // groups)
-
-    fwd = normalization.forward(view, gamma_view, beta_view, eps, axes, spans)
-    grads = normalization.backward(view, gamma_view, dy, eps, axes, fwd, spans)
-    return Expected(
-        output=fwd.output.reshape(x.shape),
-        grad_input=grads.grad_input.reshape(x.shape),
-        grad_gamma=grads.grad_gamma.reshape(channels) if affine else None,
-        grad_beta=grads.grad_beta.reshape(channels) if affine else None,
-        mean=fwd.stats.mean.reshape(samples, groups),
-        rstd=fwd.stats.rstd.reshape(samples, groups),
-        xhat=fwd.xhat.reshape(x.shape),
+    _affine((channels,), gamma, beta)
+    expected = Operator("group_norm", groups=groups).evaluate(
+        x, gamma, beta, grad_output, eps
+    )
+    return dataclasses.replace(
+        expected,
+        mean=expected.mean.reshape(samples, groups),
+        rstd=expected.rstd.reshape(samples, groups),
     )
 
 

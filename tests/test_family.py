@@ -162,6 +162,19 @@ def test_operator_group_norm_matches_group_norm(groups):
     for name in ("output", "grad_input", "grad_gamma", "grad_beta"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
     assert got.grad_gamma.shape == (6,)
+    # group_norm is built on the Operator, so check the view against LayerNorm
+    # over each (n, group) flattened to one axis, without affine parameters.
+    plain = operator.evaluate(x, None, None, dy, 1e-5)
+    rows = (OPERATOR_SHAPE[0], groups, -1)
+    flat = family.layer_norm(x.reshape(rows), None, None, dy.reshape(rows), 1e-5, 1)
+    for name in ("output", "grad_input"):
+        np.testing.assert_allclose(
+            getattr(plain, name),
+            getattr(flat, name).reshape(OPERATOR_SHAPE),
+            rtol=1e-12,
+            atol=1e-12,
+            err_msg=name,
+        )
 
 
 @pytest.mark.parametrize("normalized_ndim", [1, 2, 3])
