@@ -155,6 +155,18 @@ else:
     FUSED_BATCH_NORM_NAME = "tf.compat.v1.nn.fused_batch_norm"
 
 
+def _fused_parameters(x_dtype, gamma, beta, channels: int):
+    """Return FusedBatchNormV3's scale and offset for x of `x_dtype`. The op takes
+    them in float32 when x is float16 or bfloat16 (its attribute U), and requires
+    both even when affine is off, so ones and zeros stand in."""
+    parameter_dtype = tf.float64 if x_dtype == tf.float64 else tf.float32
+    if gamma is None:
+        return tf.ones([channels], parameter_dtype), tf.zeros(
+            [channels], parameter_dtype
+        )
+    return tf.cast(gamma, parameter_dtype), tf.cast(beta, parameter_dtype)
+
+
 def _fused_batch_norm_reshape(x, gamma, beta, eps, layout):
     """Batch-normalize the (1, N*C, ...) fold of x in training mode.
 
@@ -180,19 +192,7 @@ def _fused_batch_norm_reshape(x, gamma, beta, eps, layout):
         folded = tf.reshape(moved, [1, *folded_spatial, batch * channels])
         data_format = "NHWC" if len(folded_spatial) == 2 else "NDHWC"
 
-    # FusedBatchNormV3 takes scale and offset in float32 when x is float16 or
-    # bfloat16 (its attribute U), and it requires both even when affine is off.
-    parameter_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
-    scale = (
-        tf.cast(gamma, parameter_dtype)
-        if gamma is not None
-        else tf.ones([channels], parameter_dtype)
-    )
-    offset = (
-        tf.cast(beta, parameter_dtype)
-        if beta is not None
-        else tf.zeros([channels], parameter_dtype)
-    )
+    scale, offset = _fused_parameters(x.dtype, gamma, beta, channels)
     folded_output, _, _ = FUSED_BATCH_NORM(
         folded,
         tf.tile(scale, [batch]),
@@ -319,19 +319,7 @@ def _batch_norm_fused(x, gamma, beta, eps, layout):
     else:
         data_format = "NHWC" if expanded.shape.rank == 4 else "NDHWC"
 
-    # Scale and offset are float32 for float16 and bfloat16 x (the op's attribute
-    # U), and the op requires both even when affine is off.
-    parameter_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
-    scale = (
-        tf.cast(gamma, parameter_dtype)
-        if gamma is not None
-        else tf.ones([channels], parameter_dtype)
-    )
-    offset = (
-        tf.cast(beta, parameter_dtype)
-        if beta is not None
-        else tf.zeros([channels], parameter_dtype)
-    )
+    scale, offset = _fused_parameters(x.dtype, gamma, beta, channels)
     output, _, _ = FUSED_BATCH_NORM(
         expanded,
         scale,
