@@ -182,8 +182,8 @@ class Operator:
         return np.reshape(x, view), gamma, beta, np.reshape(grad_output, view)
 
     def restore(self, expected: Expected, shape: tuple[int, ...]) -> Expected:
-        """Return a result computed on the view in the shapes of x and gamma;
-        `mean` and `rstd` keep the view's shape, reduced axes as size 1."""
+        """Return a result computed on the view in the shapes of x and gamma.
+        `mean` and `rstd` keep the view's shape, with the reduced axes as size 1."""
         if self.view_shape(shape) == tuple(shape):
             return expected
         parameters = self.parameter_shape(shape)

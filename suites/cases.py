@@ -268,7 +268,7 @@ def generate_float64(
     case: Case, seed: int, parameter_shape: tuple[int, ...] | None = None
 ) -> dict[str, np.ndarray]:
     """Draw the case's float64 inputs, one independent stream per input. gamma and
-    beta have shape (C,) unless `parameter_shape` says otherwise (LayerNorm)."""
+    beta have shape (C,), or `parameter_shape` when given (LayerNorm)."""
     parameters = parameter_shape or (case.channels,)
     return {
         "x": case.x.generate(_stream(seed, case.name, "x"), case.shape),

@@ -33,9 +33,9 @@ from suites.cases import CATALOGUE
 from suites.error_model import QUANTITIES, SECOND_ORDER_QUANTITIES
 
 DEFAULT_PATH = Path(__file__).with_name("deviations.toml")
-# An `error` is replaceable too, for a framework whose known defect makes every
-# returned number NaN, which the suite rates `error` ("the backend returned no
-# numbers"); an entry must name it in `verdicts`.
+# An `error` is replaceable too, but only by an entry that names it in `verdicts`.
+# A framework whose known defect returns NaN everywhere gets `error` ("the backend
+# returned no numbers"), because a broken adapter looks the same.
 REPLACEABLE = ("fail", "rejected", "error")
 REQUIRED = ("framework", "versions", "reason", "link", "date")
 STRING_LISTS = ("items", "implementations", "cases", "devices", "dtypes", "quantities")
@@ -45,8 +45,8 @@ OPTIONAL = (*STRING_LISTS, "verdicts", "message", "max_error", "intermittent")
 DRAFT_MARK = "TODO"
 FILE_HEADER = """\
 # Known differences between a framework and the exact answer, each with evidence.
-# A matching `fail` (or, where `verdicts` says so, `rejected` or `error`) record becomes
-# `deviation`: the item passes and the report keeps the measured error. Keys:
+# A matching `fail` record, or a `rejected` or `error` one that `verdicts` names,
+# becomes `deviation`: the item passes and the report keeps the measured error. Keys:
 #   framework, versions (PEP 440 specifiers), reason, link, date: required
 #   items: test id patterns (fnmatch: * and ?), each matched against the whole id
 #     framework-implementation-device-dtype-case

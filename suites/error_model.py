@@ -135,9 +135,10 @@ def scales(
 ) -> dict[str, np.ndarray]:
     """Return the forward-error scale of every element of every quantity.
 
-    x is normalized over `axes` (default: the spatial axes, as InstanceNorm does)
-    and gamma and beta run along the axes `spans` of x; operator_scales handles the
-    views that GroupNorm needs.
+    x is normalized over `axes` (default: the spatial axes, as InstanceNorm does),
+    and gamma and beta run along the axes `spans` of x. For GroupNorm, x must
+    already be viewed as (N, G, C / G, ...), as suites.verdicts.reference_from_inputs
+    does.
     """
     x = normalization.as_float64(x)
     dy = normalization.as_float64(grad_output)
@@ -392,8 +393,8 @@ def normalized_errors(
     """Return |got - expected| / (scale * u) per element, in units of `dtype`.
 
     The difference first loses half the subnormal spacing of `stored`, the dtype
-    the result is stored in (default `dtype`): rounding an exact value below the
-    smallest normal number moves it by up to that much, an error no scale
+    the result is stored in (default `dtype`). Rounding an exact value below the
+    smallest normal number moves it by up to that much, an error that no scale
     proportional to the value covers. (torch 2.13.0's float16 LayerNorm returns the
     correctly rounded 2^-24 for a grad_gamma element whose exact value is 5.5e-8,
     an error of 17.8 u without this allowance.)

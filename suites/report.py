@@ -140,7 +140,7 @@ def worst_slice(
     """Return a summary of the x values that share the worst element's
     normalization: for InstanceNorm, slice (n, c) for an element of the output or
     grad_input, channel c across the batch for an element of grad_gamma or
-    grad_beta. `where` says which values, in words."""
+    grad_beta. `where` describes those values in words."""
     if not worst_index:
         return None
     x = inputs.x

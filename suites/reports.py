@@ -504,10 +504,10 @@ def _matrix_lines(results: list[dict]) -> list[str]:
 
 
 def operator_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Return the header and rows of the table of operators by framework: each
+    """Return the header and rows of the table of operators by framework. Each
     cell gives the framework's implementations of that operator and their records
-    per verdict, or says that it has none. Every operator of the family has a
-    column, so a framework's gaps show."""
+    per verdict, or `none`. Every operator of the family has a column, so a
+    framework's gaps show."""
     frameworks = sorted({record["framework"] for record in results})
     implementations: dict[tuple[str, str], set[str]] = {}
     counts: dict[tuple[str, str], Counter] = {}

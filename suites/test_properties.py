@@ -131,6 +131,7 @@ def _failure_report(
         f"{item.item_id}: {failing[0]['quantity']} {failing[0]['verdict']} "
         f"(operator {item.operator.label}, shape {item.case.shape})"
     )
+
     options = [
         f"--seed={seed}",
         f"--dtypes={config.getoption('dtypes')}",
@@ -140,6 +141,7 @@ def _failure_report(
     if config.getoption("property_examples") is not None:
         options.append(f"--property-examples={config.getoption('property_examples')}")
     command = command_for_test(request, target.adapter.framework, options)
+
     bundle = replay.write_bundle(
         _bundle_folder(request),
         target.adapter,
@@ -150,6 +152,7 @@ def _failure_report(
         command,
     )
     replay_command = replay.replay_command(bundle, source)
+
     messages = "\n".join(f"  {row['message']}" for row in failing)
     entry = properties.catalogue_entry(item.case, seed, summary)
     message = (

@@ -178,7 +178,7 @@ def test_layer_norm_scales_have_parameter_shape():
     expected = evaluate(x, gamma, beta, dy, 1e-5, axes, spans)
     scales = error_model.scales(x, gamma, beta, dy, expected, axes, spans)
     assert scales["grad_gamma"].shape == (3, 4)
-    # Each element's parameter gradient sums over the batch alone: its scale
-    # holds the batch's sum of |dy * xhat| terms.
+    # Each element's parameter gradient sums over the batch alone, so its scale
+    # is at least the batch's sum of |dy * xhat|.
     bound = np.sum(np.abs(dy * expected.xhat), axis=0)
     assert np.all(scales["grad_gamma"] >= bound)
