@@ -88,7 +88,9 @@ def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
         # One correction pass: the rounded mean of a constant slice of, say, 0.1 is
         # an ulp off, which would leave var near 1e-34 instead of exactly 0. Each
         # x - mean is then exact (Sterbenz), so adding their mean lands on the value.
-        mean = mean + np.mean(x - mean, axis=axes, keepdims=True)
+        # An infinite mean stays as it is: inf - inf would make it NaN.
+        correction = np.mean(x - mean, axis=axes, keepdims=True)
+        mean = np.where(np.isfinite(mean), mean + correction, mean)
         centered = x - mean
         var = np.mean(centered * centered, axis=axes, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):

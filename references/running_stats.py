@@ -39,13 +39,16 @@ class Convention:
 # Measured with a training step on (4, 2, 5) input and known running values
 # (docs/running-statistics.md gives the scripts): torch 2.13.0 BatchNorm1d and
 # InstanceNorm1d, Keras 3.15.1 BatchNormalization on TensorFlow 2.21.0, MXNet 1.9.1
-# gluon.nn.BatchNorm, and ONNX Runtime 1.31.1 BatchNormalization (opset 15,
-# training_mode = 1).
+# gluon.nn.BatchNorm, ONNX Runtime 1.31.1 BatchNormalization (opset 15,
+# training_mode = 1), and TensorFlow 2.21.0's tf.compat.v1.nn.fused_batch_norm
+# (FusedBatchNormV3), whose exponential_avg_factor weights the new value and
+# whose batch variance output is the unbiased one.
 CONVENTIONS = {
     "torch": Convention(True, True, 0.1),
     "keras": Convention(False, False, 0.99),
     "mxnet": Convention(False, False, 0.9),
     "onnx": Convention(False, False, 0.9),
+    "tf-fused": Convention(True, True, 1.0),
 }
 
 
@@ -83,6 +86,14 @@ def update(
     )
 
 
+def unchanged(running_mean: np.ndarray, running_var: np.ndarray) -> RunningUpdate:
+    """Return the running statistics as they were, in float64."""
+    return RunningUpdate(
+        mean=normalization.as_float64(running_mean).copy(),
+        var=normalization.as_float64(running_var).copy(),
+    )
+
+
 def batch_norm_step(
     x: np.ndarray,
     running_mean: np.ndarray,
@@ -91,8 +102,11 @@ def batch_norm_step(
     convention: Convention,
 ) -> RunningUpdate:
     """Return BatchNorm's running statistics after a training step on x, shaped
-    (N, C, *spatial): the statistics are taken per channel over every other axis."""
+    (N, C, *spatial): the statistics are taken per channel over every other axis.
+    An empty batch has no statistics to contribute and leaves them as they were."""
     x = normalization.as_float64(x)
+    if x.size == 0:
+        return unchanged(running_mean, running_var)
     axes = normalization.parameter_axes(x.ndim)
     stats = normalization.statistics(x, 0.0, axes)
     count = normalization.reduction_length(x.shape, axes)
@@ -116,8 +130,10 @@ def instance_norm_step(
 ) -> RunningUpdate:
     """Return InstanceNorm's running statistics after a training step on x: each
     (n, c) slice's mean and variance, averaged over the batch, update the running
-    values of channel c."""
+    values of channel c. An empty batch leaves them as they were."""
     x = normalization.as_float64(x)
+    if x.size == 0:
+        return unchanged(running_mean, running_var)
     axes = tuple(range(2, x.ndim))
     stats = normalization.statistics(x, 0.0, axes)
     count = normalization.reduction_length(x.shape, axes)

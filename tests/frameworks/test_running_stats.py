@@ -60,6 +60,27 @@ def test_keras_batch_normalization():
     np.testing.assert_allclose(layer.moving_variance.numpy(), expected.var, rtol=RTOL)
 
 
+def test_tensorflow_fused_batch_norm():
+    tf = pytest.importorskip("tensorflow")
+    x = inputs()
+    # FusedBatchNormV3 takes channels-last input: (4, 5, 2) as NHWC with W = 1.
+    nhwc = np.ascontiguousarray(np.moveaxis(x, 1, -1))[:, :, None, :]
+    _, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        nhwc,
+        np.ones(2, np.float32),
+        np.zeros(2, np.float32),
+        mean=OLD_MEAN,
+        variance=OLD_VAR,
+        epsilon=1e-5,
+        data_format="NHWC",
+        is_training=True,
+        exponential_avg_factor=0.25,
+    )
+    expected = batch_norm_step(x, OLD_MEAN, OLD_VAR, 0.25, CONVENTIONS["tf-fused"])
+    np.testing.assert_allclose(mean.numpy(), expected.mean, rtol=RTOL)
+    np.testing.assert_allclose(variance.numpy(), expected.var, rtol=RTOL)
+
+
 def test_mxnet_gluon_batch_norm():
     mx = pytest.importorskip("mxnet")
     x = inputs()
