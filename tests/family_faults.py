@@ -21,10 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from adapters.contract import (
-    CONTRACT_VERSION,
     LAYOUTS,
     Adapter,
-    Device,
     Implementation,
     Request,
     Result,
@@ -37,21 +35,17 @@ from suites.verdicts import (
     unsupported_reason,
     unsupported_records,
 )
+from tests.faults import NumpyKernel
 
 F32 = np.float32
 
 OPERATORS = ("group_norm", "layer_norm", "batch_norm")
 
 
-class FamilyKernel(Adapter):
+class FamilyKernel(NumpyKernel):
     """A correct float32 GroupNorm, LayerNorm and BatchNorm in NumPy."""
 
-    contract_version = CONTRACT_VERSION
     framework = "numpy-family"
-    dtype = "float32"
-
-    def version(self) -> str:
-        return np.__version__
 
     def implementations(self) -> Sequence[Implementation]:
         description = (type(self).__doc__ or self.framework).splitlines()[0]
@@ -66,14 +60,6 @@ class FamilyKernel(Adapter):
             )
             for operator in OPERATORS
         ]
-
-    def devices(self) -> Sequence[Device]:
-        return [Device("cpu")]
-
-    def unsupported_reason(self, implementation: str, device: str, dtype: str):
-        if dtype != "float32":
-            return f"{type(self).__name__} computes in float32 only"
-        return None
 
     # The steps below are what the faulty kernels override.
 

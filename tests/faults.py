@@ -43,28 +43,34 @@ F32 = np.float32
 F16 = np.float16
 
 
-class Float32Kernel(Adapter):
-    """A correct float32 InstanceNorm in NumPy (two-pass variance, compact dx)."""
+class NumpyKernel(Adapter):
+    """The declarations the NumPy kernels of the suite's tests share: NumPy's
+    version, one CPU device, and the one dtype they accept."""
 
     contract_version = CONTRACT_VERSION
-    framework = "numpy-float32"
     # The only dtype the kernel accepts, and the dtype the tests judge it in.
     dtype = "float32"
 
     def version(self) -> str:
         return np.__version__
 
-    def implementations(self) -> Sequence[Implementation]:
-        description = (type(self).__doc__ or self.framework).splitlines()[0]
-        return [Implementation("kernel", description, layouts=LAYOUTS)]
-
     def devices(self) -> Sequence[Device]:
         return [Device("cpu")]
 
     def unsupported_reason(self, implementation: str, device: str, dtype: str):
-        if dtype != "float32":
-            return f"{type(self).__name__} computes in float32 only"
+        if dtype != self.dtype:
+            return f"{type(self).__name__} takes {self.dtype} input only"
         return None
+
+
+class Float32Kernel(NumpyKernel):
+    """A correct float32 InstanceNorm in NumPy (two-pass variance, compact dx)."""
+
+    framework = "numpy-float32"
+
+    def implementations(self) -> Sequence[Implementation]:
+        description = (type(self).__doc__ or self.framework).splitlines()[0]
+        return [Implementation("kernel", description, layouts=LAYOUTS)]
 
     # The steps below are what the faulty kernels override.
 
@@ -387,11 +393,6 @@ class Float16Kernel(Float32Kernel):
 
     framework = "numpy-float16"
     dtype = "float16"
-
-    def unsupported_reason(self, implementation, device, dtype):
-        if dtype != "float16":
-            return f"{type(self).__name__} takes float16 input only"
-        return None
 
     def run(self, request):
         result = super().run(request)

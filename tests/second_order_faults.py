@@ -22,11 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from adapters.contract import (
-    CONTRACT_VERSION,
     LAYOUTS,
     OPERATORS,
-    Adapter,
-    Device,
     Implementation,
     Request,
     Result,
@@ -34,20 +31,16 @@ from adapters.contract import (
 from suites import second_order
 from suites.verdicts import Record
 from tests.family_faults import operator_item
-from tests.faults import _serial_sum
+from tests.faults import NumpyKernel, _serial_sum
 
 
-class SecondOrderKernel(Adapter):
+class SecondOrderKernel(NumpyKernel):
     """A correct float32 double backward of the four operators in NumPy."""
 
-    contract_version = CONTRACT_VERSION
     framework = "numpy-second-order"
     dtype = "float32"
     # The precision every step computes in.
     working = np.float32
-
-    def version(self) -> str:
-        return np.__version__
 
     def implementations(self) -> Sequence[Implementation]:
         description = (type(self).__doc__ or self.framework).splitlines()[0]
@@ -61,14 +54,6 @@ class SecondOrderKernel(Adapter):
             )
             for operator in OPERATORS
         ]
-
-    def devices(self) -> Sequence[Device]:
-        return [Device("cpu")]
-
-    def unsupported_reason(self, implementation: str, device: str, dtype: str):
-        if dtype != self.dtype:
-            return f"{type(self).__name__} takes {self.dtype} input only"
-        return None
 
     # The steps below are what the other kernels override.
 
