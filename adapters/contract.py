@@ -30,6 +30,17 @@ autograd terms) and returns the gradients of L = sum(v * grad_input) with respec
 to x, gamma and grad_output in `Result.grad2_input`, `grad2_gamma` and
 `grad2_grad_output`. An implementation without them may say why in
 `second_order_reason`. Adapters that set neither field never see such a request.
+
+Running statistics, optional: a batch_norm or instance_norm implementation that
+keeps a running mean and variance names its update rule in `running_stats`, one
+of the conventions of references/running_stats.py ("torch", "keras", "mxnet",
+"onnx", "tf-fused"). It then also gets requests that carry `running_mean` and
+`running_var`: with `mode` "training" the adapter runs one training step from
+those values with `momentum` and returns the updated values in
+`Result.running_mean` and `running_var`; with `mode` "inference" it normalizes
+with them in place of the batch's statistics and returns the output and the
+gradients, the statistics held constant. `running_stats_reason` says why an
+implementation has none.
 """
 
 from __future__ import annotations
@@ -52,6 +63,17 @@ CONTRACT_VERSION = 1
 # - batch_norm: training mode, each channel over the batch and the spatial axes with
 #   the batch's own statistics, gamma and beta per channel.
 OPERATORS = ("instance_norm", "group_norm", "layer_norm", "batch_norm")
+# The operators that keep running statistics per channel.
+RUNNING_OPERATORS = ("instance_norm", "batch_norm")
+
+# The modes of a request: "training" normalizes with the batch's own statistics
+# (and updates running statistics when the request carries them), "inference"
+# with the request's running statistics.
+MODES = ("training", "inference")
+
+# The update rules an implementation may name in `running_stats`; the keys of
+# references.running_stats.CONVENTIONS, which defines each.
+RUNNING_CONVENTIONS = ("torch", "keras", "mxnet", "onnx", "tf-fused")
 
 # Memory layouts of x: channels_first is (N, C, *spatial), channels_last is
 # (N, *spatial, C).
@@ -73,6 +95,9 @@ class Implementation:
     `second_order` says whether it returns second derivatives (it needs
     `gradients`), and `second_order_reason` why not when it does not, for
     example because the framework has no double backward for this path.
+    `running_stats` names the convention by which it updates running statistics
+    (one of RUNNING_CONVENTIONS, for an operator in RUNNING_OPERATORS), or is
+    empty when it keeps none; `running_stats_reason` then may say why.
     """
 
     name: str
@@ -83,6 +108,8 @@ class Implementation:
     operator: str = "instance_norm"
     second_order: bool = False
     second_order_reason: str = ""
+    running_stats: str = ""
+    running_stats_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,15 @@ class Request:
     True. The adapter computes L = sum(v * grad_input), keeping grad_input
     differentiable, and returns the gradients of L in the grad2 fields of the
     Result.
+
+    `running_mean` and `running_var` are None except in a running-statistics
+    request, sent only to an implementation that names `running_stats`. They are
+    then arrays of shape (C,) in the tested dtype, read-only like the others.
+    With `mode` "training" the adapter runs one training step that starts from
+    them, passing `momentum` to the framework's momentum parameter as it is (the
+    convention says which value it weights), and returns the running values
+    after the step. With `mode` "inference" it normalizes with them: the output
+    and the gradients of x, gamma and beta hold the statistics constant.
     """
 
     op: str
@@ -132,6 +168,10 @@ class Request:
     groups: int | None = None
     normalized_ndim: int | None = None
     grad_grad_input: np.ndarray | None = None
+    mode: str = "training"
+    running_mean: np.ndarray | None = None
+    running_var: np.ndarray | None = None
+    momentum: float | None = None
 
 
 @dataclass
@@ -163,6 +203,11 @@ class Result:
     (`grad2_grad_output`, shaped like x in the request's layout). For such a
     request the suite judges only these three; the other fields may be filled or
     left None.
+
+    `running_mean` and `running_var` answer a training request that carries
+    running statistics: the values after the step, shape (C,), in any float dtype
+    that holds them (frameworks often keep them in float32 for float16 input).
+    They are None otherwise.
     """
 
     output: np.ndarray | None
@@ -175,6 +220,8 @@ class Result:
     grad2_input: np.ndarray | None = None
     grad2_gamma: np.ndarray | None = None
     grad2_grad_output: np.ndarray | None = None
+    running_mean: np.ndarray | None = None
+    running_var: np.ndarray | None = None
 
 
 class Adapter(abc.ABC):
@@ -301,6 +348,7 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                     f"declares layouts {tuple(implementation.layouts)!r}; use one or "
                     f"more of {', '.join(LAYOUTS)}"
                 )
+            _check_running_stats(origin, implementation)
             if implementation.second_order and not implementation.gradients:
                 raise ContractError(
                     f"adapter {origin}: implementation {implementation.name!r} "
@@ -308,6 +356,26 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                     "differentiate the input gradient, so set gradients=True or "
                     "second_order=False"
                 )
+
+
+def _check_running_stats(origin: str, implementation: Implementation) -> None:
+    """Raise ContractError unless the implementation's running_stats is empty or
+    a known convention of an operator that keeps running statistics."""
+    convention = implementation.running_stats
+    if not convention:
+        return
+    if convention not in RUNNING_CONVENTIONS:
+        raise ContractError(
+            f"adapter {origin}: implementation {implementation.name!r} declares "
+            f"running_stats {convention!r}; use one of "
+            f"{', '.join(RUNNING_CONVENTIONS)}, or leave it empty"
+        )
+    if implementation.operator not in RUNNING_OPERATORS:
+        raise ContractError(
+            f"adapter {origin}: implementation {implementation.name!r} computes "
+            f"{implementation.operator}, which keeps no running statistics; only "
+            f"{', '.join(RUNNING_OPERATORS)} do"
+        )
 
 
 def _check_devices(origin: str, devices: Sequence[Device]) -> None:

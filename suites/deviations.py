@@ -30,7 +30,12 @@ from packaging.version import InvalidVersion, Version
 
 from suites import dtypes, files
 from suites.cases import CATALOGUE
-from suites.error_model import QUANTITIES, SECOND_ORDER_QUANTITIES
+from suites.error_model import (
+    INFERENCE_QUANTITIES,
+    QUANTITIES,
+    RUNNING_QUANTITIES,
+    SECOND_ORDER_QUANTITIES,
+)
 
 DEFAULT_PATH = Path(__file__).with_name("deviations.toml")
 # An `error` is replaceable too, but only by an entry that names it in `verdicts`.
@@ -64,7 +69,13 @@ FILE_HEADER = """\
 # suites/metamorphic.py as quantities (kept here to spare this module its imports).
 METAMORPHIC_CASE = "metamorphic"
 RELATIONS = ("shift", "scale", "slice-independence", "gradient-sums")
-KNOWN_QUANTITIES = (*QUANTITIES, *SECOND_ORDER_QUANTITIES, *RELATIONS)
+KNOWN_QUANTITIES = (
+    *QUANTITIES,
+    *SECOND_ORDER_QUANTITIES,
+    *RUNNING_QUANTITIES,
+    *INFERENCE_QUANTITIES,
+    *RELATIONS,
+)
 
 
 class DeviationsError(Exception):

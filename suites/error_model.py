@@ -95,9 +95,38 @@ SECOND_ORDER_BUDGET: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+# Running statistics (suites/running_statistics.py): the running mean and
+# variance after a training step, and the output and gradients of inference with
+# running statistics, named apart from the training-mode quantities.
+RUNNING_QUANTITIES = ("running_mean", "running_var")
+INFERENCE_QUANTITIES = (
+    "inference_output",
+    "inference_grad_input",
+    "inference_grad_gamma",
+    "inference_grad_beta",
+)
+# Elementwise in inference: no reduction stands behind them (length 1).
+ELEMENTWISE = ("inference_output", "inference_grad_input")
+# The sums per channel over the batch and spatial axes, whose budget length is
+# that of a parameter gradient.
+CHANNEL_SUMS = (
+    *PARAMETER_GRADIENTS,
+    *RUNNING_QUANTITIES,
+    "inference_grad_gamma",
+    "inference_grad_beta",
+)
+# Their budgets take the first-order constants: each is a sum per channel, or a
+# few roundings of one element, as the first-order quantities are.
+RUNNING_BUDGET: dict[str, dict[str, tuple[float, float]]] = {
+    quantity: BUDGET["grad_input"] for quantity in RUNNING_QUANTITIES
+} | {quantity: BUDGET["grad_input"] for quantity in INFERENCE_QUANTITIES}
+
+
 def budget(quantity: str, dtype: str, reduction_length: int) -> float:
     """Return the largest normalized error a correct result may show."""
-    table = BUDGET if quantity in BUDGET else SECOND_ORDER_BUDGET
+    for table in (BUDGET, SECOND_ORDER_BUDGET, RUNNING_BUDGET):
+        if quantity in table:
+            break
     base, growth = table[quantity][dtype]
     return base + growth * math.sqrt(max(reduction_length, 1))
 
@@ -110,12 +139,15 @@ def budget_reduction_length(
     The output and grad_input reduce over one slice (M elements). A parameter
     gradient sums over every axis its parameter does not run along, and each term
     carries the error of its slice's statistics, so its length is the longer of
-    the two: N * M for InstanceNorm and BatchNorm.
+    the two: N * M for InstanceNorm and BatchNorm. The running statistics are such
+    sums too, and the output and grad_input of inference reduce over nothing.
     """
+    if quantity in ELEMENTWISE:
+        return 1
     view = operator.view_shape(tuple(shape))
     axes = operator.axes(tuple(shape))
     slice_length = int(np.prod([view[axis] for axis in axes], dtype=np.int64))
-    if quantity not in PARAMETER_GRADIENTS:
+    if quantity not in CHANNEL_SUMS:
         return slice_length
     spans = operator.spans(tuple(shape))
     shared = [view[axis] for axis in range(len(view)) if axis not in spans]
@@ -234,6 +266,104 @@ def parameter_scale(total: np.ndarray, squares: np.ndarray) -> np.ndarray:
     """
     with np.errstate(invalid="ignore", over="ignore"):
         return np.abs(total) + np.sqrt(squares)
+
+
+def running_scales(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    batch_var: np.ndarray,
+    new_weight: float,
+    variance_factor: float,
+    slice_axes: tuple[int, ...],
+    dtype: str,
+) -> dict[str, np.ndarray]:
+    """Return the scales of the running mean and variance after a training step,
+    per channel, for x in (N, C, *spatial) order.
+
+    The update is r' = (1 - w) * r + w * b, with b the batch's mean, or its
+    variance `batch_var` (biased, per slice of `slice_axes` and averaged over
+    the batch) times `variance_factor` (M / (M - 1) for an unbiased one):
+
+        running_mean  (1 - w) * |r| + w * mean(|x|)
+        running_var   (1 - w) * |r| + w * f * (var + sqrt(M) * u * mean(|x|)^2)
+
+    The mean computed in the tested dtype is off by about u * mean(|x|) per term of
+    its sum. A two-pass variance is then off by u * var per term, plus the square
+    of the mean's error, about sqrt(M) * u * mean(|x|) squared, which divided by
+    u and the budget's sqrt(M) leaves the last term. A one-pass variance
+    E[x^2] - E[x]^2 is off by u * mean(x^2) instead, which that term covers only
+    when var is tiny beside u * mean(x^2): it fails on a large mean with a small
+    spread, as the forward scales make it fail.
+    """
+    x = normalization.as_float64(x)
+    axes = normalization.parameter_axes(x.ndim)
+    length = normalization.reduction_length(x.shape, slice_axes)
+    unit = dtypes.UNIT_ROUNDOFF[dtype]
+    with (
+        np.errstate(invalid="ignore", over="ignore"),
+        warnings.catch_warnings(),
+    ):
+        # An empty batch has a NaN mean.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_abs = np.mean(np.abs(x), axis=axes)
+        variance = np.abs(batch_var) + math.sqrt(max(length, 1)) * unit * mean_abs**2
+        old = 1.0 - new_weight
+        return {
+            "running_mean": old * np.abs(running_mean) + new_weight * mean_abs,
+            "running_var": old * np.abs(running_var)
+            + new_weight * variance_factor * variance,
+        }
+
+
+def inference_scales(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    grad_output: np.ndarray,
+    running_mean: np.ndarray,
+    expected: Expected,
+) -> dict[str, np.ndarray]:
+    """Return the scales of inference with running statistics, for x in
+    (N, C, *spatial) order and `expected` from references.running_stats.inference
+    (its rstd, the running one, and xhat). With s = (|x| + |running_mean|) * rstd:
+
+        inference_output      |gamma| * s + |beta|
+        inference_grad_input  |gamma| * rstd * |dy|
+        inference_grad_gamma  |sum(dy * xhat)| + sqrt(sum((dy * s)^2))
+        inference_grad_beta   |sum(dy)| + sqrt(sum(dy^2))
+
+    The statistics are inputs, so only x - mean, its product with rstd and rstd's
+    own rounding (relative, shared by the channel) stand behind each element.
+    Kernels that fold the statistics into a scale and a shift, y = x * a + b with
+    b = beta - mean * a, make errors of u * |x * a| and u * |mean * a|, which s
+    covers.
+    """
+    x = normalization.as_float64(x)
+    dy = normalization.as_float64(grad_output)
+    channels = x.shape[normalization.CHANNEL_AXIS]
+    abs_gamma = normalization.broadcast_parameter(
+        np.abs(gamma) if gamma is not None else np.ones(channels), x.ndim
+    )
+    abs_beta = normalization.broadcast_parameter(
+        np.abs(beta) if beta is not None else np.zeros(channels), x.ndim
+    )
+    mean = normalization.broadcast_parameter(np.abs(running_mean), x.ndim)
+    shared = normalization.parameter_axes(x.ndim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = (np.abs(x) + mean) * expected.rstd
+        dy_s = dy * s
+        return {
+            "inference_output": abs_gamma * s + abs_beta,
+            "inference_grad_input": abs_gamma * expected.rstd * np.abs(dy),
+            "inference_grad_gamma": parameter_scale(
+                np.sum(dy * expected.xhat, axis=shared),
+                np.sum(dy_s * dy_s, axis=shared),
+            ),
+            "inference_grad_beta": parameter_scale(
+                np.sum(dy, axis=shared), np.sum(dy * dy, axis=shared)
+            ),
+        }
 
 
 def second_order_scales(

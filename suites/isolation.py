@@ -48,7 +48,11 @@ F_SETPIPE_SZ = 1031
 # prctl's option for the signal a process gets when its parent dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 # The fields of a Result that contain arrays: the quantities.
-RESULT_ARRAYS = (*error_model.QUANTITIES, *error_model.SECOND_ORDER_QUANTITIES)
+RESULT_ARRAYS = (
+    *error_model.QUANTITIES,
+    *error_model.SECOND_ORDER_QUANTITIES,
+    *error_model.RUNNING_QUANTITIES,
+)
 # How much of the worker's stderr a failure message quotes.
 STDERR_TAIL_LINES = 12
 STDERR_TAIL_CHARACTERS = 2000
@@ -441,7 +445,15 @@ def _load(kind: str, name: str) -> object:
     return registry.load(name)
 
 
-INPUT_NAMES = ("x", "gamma", "beta", "grad_output", "grad_grad_input")
+INPUT_NAMES = (
+    "x",
+    "gamma",
+    "beta",
+    "grad_output",
+    "grad_grad_input",
+    "running_mean",
+    "running_var",
+)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,16 @@ import pytest
 
 from adapters import registry
 from adapters.contract import Device, Implementation
-from suites import cases, deviations, dtypes, files, isolation, replay, report
+from suites import (
+    cases,
+    deviations,
+    dtypes,
+    files,
+    isolation,
+    replay,
+    report,
+    running_statistics,
+)
 from suites.second_order import select_targets
 from suites.verdicts import Item
 
@@ -36,6 +45,8 @@ SECOND_ORDER_TEST = "::test_second_order["
 SECOND_ORDER_FIXTURE = "second_order_target"
 METAMORPHIC_TEST = "::test_metamorphic["
 METAMORPHIC_FIXTURE = "metamorphic_target"
+RUNNING_TEST = "::test_running_statistics["
+RUNNING_FIXTURE = "running_target"
 # The ONNX Runtime adapter reads its providers from this variable, which worker
 # processes inherit; --ort-providers sets it.
 ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
@@ -678,6 +689,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 checked,
                 ids=[target.test_id for target in checked],
             )
+    if RUNNING_FIXTURE in metafunc.fixturenames:
+        running = running_statistics.select_targets(targets(metafunc.config))
+        metafunc.parametrize(
+            RUNNING_FIXTURE, running, ids=[target.test_id for target in running]
+        )
     if SECOND_ORDER_FIXTURE in metafunc.fixturenames:
         chosen = select_targets(targets(metafunc.config))
         metafunc.parametrize(
@@ -877,13 +893,19 @@ def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
 
 def records_verdicts(nodeid: str) -> bool:
     """Return True if the test `nodeid` records verdicts: an item of the
-    catalogue, second-order or metamorphic suite. A suite with nothing selected
-    has one placeholder item, [NOTSET], which records none."""
+    catalogue, second-order, running-statistics or metamorphic suite. A suite
+    with nothing selected has one placeholder item, [NOTSET], which records
+    none."""
     if nodeid.endswith(("[NOTSET]", "[off]")):
         return False
     return any(
         test in nodeid
-        for test in (CONFORMANCE_TEST, SECOND_ORDER_TEST, METAMORPHIC_TEST)
+        for test in (
+            CONFORMANCE_TEST,
+            SECOND_ORDER_TEST,
+            RUNNING_TEST,
+            METAMORPHIC_TEST,
+        )
     )
 
 

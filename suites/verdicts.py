@@ -36,7 +36,14 @@ from suites.cases import (
 VERDICTS = ("pass", "fail", "rejected", "unsupported", "deviation", "error")
 OP = INSTANCE_NORM.name
 # The quantities shaped like x, given in the request's layout.
-X_SHAPED = ("output", "grad_input", "grad2_input", "grad2_grad_output")
+X_SHAPED = (
+    "output",
+    "grad_input",
+    "grad2_input",
+    "grad2_grad_output",
+    "inference_output",
+    "inference_grad_input",
+)
 
 
 @dataclass
@@ -254,14 +261,17 @@ def unpack_result(
     quantities: tuple[str, ...],
     x_shape: tuple[int, ...],
     dtype_source: str,
+    fields: dict[str, str] | None = None,
 ) -> Unpacked | str:
     """Check an adapter's result against the contract and return its parts, or
     the message that makes every quantity an `error` (not a Result, an eps or
     compute dtype the contract does not allow, a dtype that is not a name).
 
-    `dtype_source` names the quantity whose array shows the returned dtype when
-    the adapter declared none.
+    `dtype_source` names the Result field whose array shows the returned dtype
+    when the adapter declared none. `fields` maps a quantity to the Result field
+    that holds it, where the two names differ.
     """
+    fields = fields or {}
     case, dtype = item.case, item.dtype
     if not isinstance(result, Result):
         kind = (
@@ -294,8 +304,8 @@ def unpack_result(
             if x_shaped
             else item.operator.parameter_shape(x_shape)
         )
-        got = getattr(result, quantity)
-        problem = check_array(quantity, got, shape)
+        got = getattr(result, fields.get(quantity, quantity))
+        problem = check_array(fields.get(quantity, quantity), got, shape)
         if problem is None and result_dtype is not None and result_dtype != dtype:
             problem = f"the framework returned {result_dtype} for a {dtype} input"
         if problem is not None:
@@ -653,26 +663,29 @@ def call_adapter(
     request: Request,
     quantities: tuple[str, ...],
     caches: tuple = (),
+    rejection: tuple[bool, str] | None = None,
 ) -> tuple[object, list[Record] | None]:
     """Run the request through the adapter. Returns (result, None), or (None, one
     record per quantity) when the adapter raised, its worker failed, or it changed
     an input in place. In that last case the input caches are cleared, with the
-    further functools caches `caches`."""
+    further functools caches `caches`. `rejection` (allowed, reason) replaces the
+    case's own rule for a rejection, for a request that poses another question
+    of the same input."""
     # An isolated adapter's worker checks its own copy of the inputs; here the
     # adapter works on the cached arrays, which every later item shares.
     in_process = not isinstance(adapter, isolation.IsolatedAdapter)
     before = isolation.input_snapshot(request) if in_process else None
-    if before is not None and request.grad_grad_input is not None:
-        before["grad_grad_input"] = request.grad_grad_input.copy()
+    if rejection is None:
+        rejection = (item.case.rejection_allowed, item.case.rejection_reason)
     try:
         result = adapter.run(request)
-    except Rejected as rejection:
-        allowed = item.case.rejection_allowed
+    except Rejected as refusal:
+        allowed, reason = rejection
         if allowed:
-            note = f"rejection allowed: {item.case.rejection_reason}"
+            note = f"rejection allowed: {reason}"
         else:
             note = "rejection not allowed: this input has a well-defined answer"
-        message = f"{rejection} [{note}]"
+        message = f"{refusal} [{note}]"
         return None, [item.record(q, "rejected", allowed, message) for q in quantities]
     except isolation.WorkerFailure as failure:
         return None, [item.record(q, "error", False, str(failure)) for q in quantities]
