@@ -26,16 +26,26 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 
-Forward = Callable[
-    [torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", Request], torch.Tensor
-]
+# (x, gamma, beta, request) to the output; the implementations that keep running
+# statistics also take `running`, the (running_mean, running_var) tensors.
+Forward = Callable[..., torch.Tensor]
 # Converts a request array (or None) to a tensor, requiring its gradient or not.
 TensorMaker = Callable[["np.ndarray | None", bool], "torch.Tensor | None"]
 
 
-def _functional(x, gamma, beta, request):
-    eps = request.eps
-    return F.instance_norm(x, weight=gamma, bias=beta, use_input_stats=True, eps=eps)
+def _functional(x, gamma, beta, request, running=(None, None)):
+    # With running statistics, inference normalizes with them (use_input_stats
+    # False), and training updates them in place.
+    return F.instance_norm(
+        x,
+        running_mean=running[0],
+        running_var=running[1],
+        weight=gamma,
+        bias=beta,
+        use_input_stats=request.mode == "training",
+        momentum=request.momentum or 0.1,
+        eps=request.eps,
+    )
 
 
 def _group_norm(x, gamma, beta, request):
@@ -63,10 +73,19 @@ def _family_layer_norm(x, gamma, beta, request):
     return F.layer_norm(x, normalized_shape, weight=gamma, bias=beta, eps=request.eps)
 
 
-def _family_batch_norm(x, gamma, beta, request):
-    # No running statistics: training mode then normalizes with the batch's own.
+def _family_batch_norm(x, gamma, beta, request, running=(None, None)):
+    # Without running statistics, training mode normalizes with the batch's own;
+    # with them, training updates them in place and inference normalizes with
+    # them.
     return F.batch_norm(
-        x, None, None, weight=gamma, bias=beta, training=True, eps=request.eps
+        x,
+        running[0],
+        running[1],
+        weight=gamma,
+        bias=beta,
+        training=request.mode == "training",
+        momentum=request.momentum or 0.1,
+        eps=request.eps,
     )
 
 
@@ -79,6 +98,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "torch.nn.functional.instance_norm",
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            running_stats="torch",
         ),
         _functional,
     ),
@@ -123,11 +143,12 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "batch_norm.functional": (
         Implementation(
             "batch_norm.functional",
-            "torch.nn.functional.batch_norm(x, None, None, weight, bias, "
-            "training=True, eps=eps)",
+            "torch.nn.functional.batch_norm(x, running_mean, running_var, weight, "
+            "bias, training, momentum, eps)",
             layouts=BOTH_LAYOUTS,
             operator="batch_norm",
             second_order=True,
+            running_stats="torch",
         ),
         _family_batch_norm,
     ),
@@ -215,12 +236,19 @@ class TorchAdapter(Adapter):
         gamma = tensor(request.gamma, want)
         beta = tensor(request.beta, want)
         channels_last = request.layout == "channels_last"
+        # The running statistics, in the tested dtype; a training step updates
+        # them in place.
+        running = (
+            tensor(request.running_mean, False),
+            tensor(request.running_var, False),
+        )
+        extra = {} if running[0] is None else {"running": running}
 
         try:
             # A channels-last array becomes an (N, C, ...) view with channels-last
             # strides, which torch's channels-last kernels handle without a copy.
             logical = _channels_first_view(x) if channels_last else x
-            output = forward(logical, gamma, beta, request)
+            output = forward(logical, gamma, beta, request, **extra)
             if want:
                 grad_output = tensor(request.grad_output, False)
                 if channels_last:
@@ -237,6 +265,8 @@ class TorchAdapter(Adapter):
             grad_gamma=_to_numpy(gamma.grad) if want and gamma is not None else None,
             grad_beta=_to_numpy(beta.grad) if want and beta is not None else None,
             dtype=_dtype_name(output.dtype),
+            running_mean=_to_numpy(running[0]) if request.mode == "training" else None,
+            running_var=_to_numpy(running[1]) if request.mode == "training" else None,
         )
 
     def _run_second_order(
