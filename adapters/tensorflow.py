@@ -1,6 +1,8 @@
 """TensorFlow adapter: InstanceNorm three ways, GroupNorm and LayerNorm through Keras,
 and BatchNorm in training mode three ways, with gradients through tf.GradientTape
-and second derivatives through two nested tapes.
+and second derivatives through two nested tapes. The Keras and fused BatchNorm
+implementations also take running statistics: a training step that updates them,
+or inference that normalizes with them.
 
 Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. Everything
 runs eagerly (no tf.function), pinned to the requested device with tf.device.
@@ -71,11 +73,28 @@ class Computed:
     beta: tf.Tensor | tf.Variable | None
     eps: float | None = None
     compute_dtype: str | None = None
+    # The running mean and variance after a training step, or None when the
+    # request carries no running statistics or asks for inference.
+    running_mean: tf.Tensor | None = None
+    running_var: tf.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Running:
+    """A request's running statistics, in the tested dtype, with what to do with
+    them: update them in a training step with `momentum`, or normalize with them
+    (`training` False)."""
+
+    mean: tf.Tensor
+    variance: tf.Tensor
+    training: bool
+    momentum: float
 
 
 # forward(x, gamma, beta, eps, layout, **arguments), where `arguments` contains the
 # operator's own request fields: `groups` for group_norm, `normalized_ndim` for
-# layer_norm, none for the others.
+# layer_norm, none for the others. The implementations that keep running
+# statistics also take `running`, a Running, when the request carries them.
 Forward = Callable[..., Computed]
 
 
@@ -155,11 +174,19 @@ else:
     FUSED_BATCH_NORM_NAME = "tf.compat.v1.nn.fused_batch_norm"
 
 
+def _fused_parameter_dtype(x_dtype: tf.DType) -> tf.DType:
+    """Return the dtype (the op's attribute U) in which FusedBatchNormV3 takes
+    scale, offset, mean and variance for x of `x_dtype`: float32 for float16 and
+    bfloat16 input. TensorFlow 2.21.0 raises InvalidArgumentError for a float16
+    or bfloat16 mean ("input #3(zero-based) was expected to be a float tensor")."""
+    return tf.float64 if x_dtype == tf.float64 else tf.float32
+
+
 def _fused_parameters(x_dtype, gamma, beta, channels: int):
-    """Return FusedBatchNormV3's scale and offset for x of `x_dtype`. The op takes
-    them in float32 when x is float16 or bfloat16 (its attribute U), and requires
-    both even when affine is off, so ones and zeros stand in."""
-    parameter_dtype = tf.float64 if x_dtype == tf.float64 else tf.float32
+    """Return FusedBatchNormV3's scale and offset for x of `x_dtype`, in the
+    op's parameter dtype. The op requires both even when affine is off, so ones
+    and zeros stand in."""
+    parameter_dtype = _fused_parameter_dtype(x_dtype)
     if gamma is None:
         return tf.ones([channels], parameter_dtype), tf.zeros(
             [channels], parameter_dtype
@@ -220,13 +247,19 @@ def _keras_compute_dtype(x: tf.Tensor) -> str:
     return "float32" if x.dtype in (tf.float16, tf.bfloat16) else x.dtype.name
 
 
-def _call_keras_layer(layer, x, gamma, beta, **call_arguments) -> tf.Tensor:
-    """Build `layer` for x, set its gamma and beta weights, and call it on x."""
+def _call_keras_layer(
+    layer, x, gamma, beta, running: Running | None = None, **call_arguments
+) -> tf.Tensor:
+    """Build `layer` for x, set its gamma and beta weights (and its moving mean
+    and variance from `running`), and call it on x."""
     layer.build(x.shape)
     if gamma is not None:
         layer.gamma.assign(gamma)
     if beta is not None:
         layer.beta.assign(beta)
+    if running is not None:
+        layer.moving_mean.assign(running.mean)
+        layer.moving_variance.assign(running.variance)
     return layer(x, **call_arguments)
 
 
@@ -266,20 +299,34 @@ def _layer_norm_keras(x, gamma, beta, eps, layout, *, normalized_ndim):
     )
 
 
-def _batch_norm_keras(x, gamma, beta, eps, layout):
-    # training=True normalizes with the batch's statistics. The layer also updates
-    # its moving mean and variance, which the adapter discards with the layer.
+def _batch_norm_keras(x, gamma, beta, eps, layout, running: Running | None = None):
+    # Without `running`, training=True normalizes with the batch's statistics and
+    # the layer updates its default moving mean and variance, which the adapter
+    # discards with the layer.
+    options = {} if running is None else {"momentum": running.momentum}
     layer = keras.layers.BatchNormalization(
         axis=_channel_axis(layout),
         epsilon=eps,
         center=beta is not None,
         scale=gamma is not None,
         dtype=x.dtype.name,
+        **options,
     )
-    output = _call_keras_layer(layer, x, gamma, beta, training=True)
-    return Computed(
+    training = running is None or running.training
+    output = _call_keras_layer(
+        layer, x, gamma, beta, running=running, training=training
+    )
+    computed = Computed(
         output, layer.gamma, layer.beta, compute_dtype=_keras_compute_dtype(x)
     )
+    if running is not None and running.training:
+        # Keras 3.15.1 keeps moving_mean and moving_variance in the layer's
+        # variable dtype, which is float16 or bfloat16 under a float16 or
+        # bfloat16 policy. call() computes the update in float32 and rounds it
+        # once when it assigns it, so the values are final here.
+        computed.running_mean = tf.convert_to_tensor(layer.moving_mean)
+        computed.running_var = tf.convert_to_tensor(layer.moving_variance)
+    return computed
 
 
 def _batch_norm_moments(x, gamma, beta, eps, layout):
@@ -301,8 +348,10 @@ def _batch_norm_moments(x, gamma, beta, eps, layout):
     return Computed(output, gamma, beta)
 
 
-def _batch_norm_fused(x, gamma, beta, eps, layout):
-    """Batch-normalize x with FusedBatchNormV3 in training mode.
+def _batch_norm_fused(x, gamma, beta, eps, layout, running: Running | None = None):
+    """Batch-normalize x with FusedBatchNormV3: in training mode, or with
+    `running` as a training step that updates those statistics or as inference
+    that normalizes with them.
 
     The op takes 4-D and 5-D input only. Rank-3 input gets a spatial axis of size 1
     next to its own, which leaves each channel's elements and statistics unchanged.
@@ -320,18 +369,39 @@ def _batch_norm_fused(x, gamma, beta, eps, layout):
         data_format = "NHWC" if expanded.shape.rank == 4 else "NDHWC"
 
     scale, offset = _fused_parameters(x.dtype, gamma, beta, channels)
-    output, _, _ = FUSED_BATCH_NORM(
+    statistics = {"is_training": True}
+    if running is not None:
+        parameter_dtype = _fused_parameter_dtype(x.dtype)
+        statistics = {
+            "mean": tf.cast(running.mean, parameter_dtype),
+            "variance": tf.cast(running.variance, parameter_dtype),
+            "is_training": running.training,
+        }
+        if running.training:
+            # With f = exponential_avg_factor, TensorFlow 2.21.0 returns
+            # (1 - f) * old + f * batch with the batch's unbiased variance, which
+            # is the "tf-fused" convention.
+            statistics["exponential_avg_factor"] = running.momentum
+    output, running_mean, running_var = FUSED_BATCH_NORM(
         expanded,
         scale,
         offset,
         epsilon=eps,
         data_format=data_format,
-        is_training=True,
+        **statistics,
     )
     if rank == 3:
         output = tf.reshape(output, x.shape)
+    updated = running is not None and running.training
     # FusedBatchNormV3 declares epsilon as a float attribute, which is float32.
-    return Computed(output, gamma, beta, eps=float(np.float32(eps)))
+    return Computed(
+        output,
+        gamma,
+        beta,
+        eps=float(np.float32(eps)),
+        running_mean=running_mean if updated else None,
+        running_var=running_var if updated else None,
+    )
 
 
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
@@ -344,6 +414,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "(N, ..., C) by the adapter and the output transposed back",
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            running_stats_reason=(
+                "Keras 3.15.1 has no InstanceNorm layer, and its GroupNormalization "
+                "keeps no moving statistics: its only weights are gamma and beta"
+            ),
         ),
         _keras_group_norm,
     ),
@@ -354,6 +428,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "tf.nn.batch_normalization",
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            running_stats_reason=(
+                "tf.nn.moments and tf.nn.batch_normalization keep no state, and "
+                "TensorFlow 2.21.0 has no InstanceNorm op with running statistics"
+            ),
         ),
         _moments,
     ),
@@ -366,6 +444,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "runs as NHWC or NDHWC; rank-3 input gets a trailing spatial axis of 1)",
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            running_stats_reason=(
+                "FusedBatchNormV3 on the (1, N*C, ...) reshape updates one running "
+                "value per (n, c) slice, not per channel, and TensorFlow 2.21.0 has "
+                "no InstanceNorm op that keeps per-channel running statistics"
+            ),
         ),
         _fused_batch_norm_reshape,
     ),
@@ -403,10 +486,14 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "channels-last input, epsilon=eps) called with training=True, with a "
             "dtype policy of the tested dtype and center and scale off when "
             "affine is off; gamma and beta are assigned to its weights (the layer "
-            "computes float16 and bfloat16 input in float32 and rounds the output)",
+            "computes float16 and bfloat16 input in float32 and rounds the "
+            "output). With running statistics: momentum=momentum, the statistics "
+            "assigned to moving_mean and moving_variance, and training=True for "
+            "a training step or training=False for inference",
             layouts=BOTH_LAYOUTS,
             second_order=True,
             operator="batch_norm",
+            running_stats="keras",
         ),
         _batch_norm_keras,
     ),
@@ -418,6 +505,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             operator="batch_norm",
+            running_stats_reason=(
+                "tf.nn.moments returns the batch's statistics and keeps no state, so "
+                "in TensorFlow 2.21.0 any running update would be the adapter's "
+                "arithmetic rather than TensorFlow's"
+            ),
         ),
         _batch_norm_moments,
     ),
@@ -427,10 +519,14 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             f"{FUSED_BATCH_NORM_NAME}(epsilon=eps, is_training=True) with "
             "data_format NCHW or NCDHW for channels-first and NHWC or NDHWC for "
             "channels-last input, ones and zeros for scale and offset when affine "
-            "is off; rank-3 input gets a spatial axis of size 1",
+            "is off; rank-3 input gets a spatial axis of size 1. With running "
+            "statistics (in float32 for float16 and bfloat16 input): mean and "
+            "variance, and exponential_avg_factor=momentum for a training step "
+            "or is_training=False for inference",
             layouts=BOTH_LAYOUTS,
             second_order=True,
             operator="batch_norm",
+            running_stats="tf-fused",
         ),
         _batch_norm_fused,
     ),
@@ -443,7 +539,7 @@ FUSED_FLOAT64_REASON = (
 )
 
 
-def _operator_arguments(request: Request) -> dict[str, int]:
+def _operator_arguments(request: Request) -> dict[str, object]:
     """Return the request fields that the implementation's forward takes as keywords."""
     implementation, _ = IMPLEMENTATIONS[request.implementation]
     if implementation.operator == "group_norm":
@@ -543,6 +639,8 @@ class TensorFlowAdapter(Adapter):
             dtype=output.dtype.name,
             eps=computed.eps,
             compute_dtype=computed.compute_dtype,
+            running_mean=_to_numpy(computed.running_mean),
+            running_var=_to_numpy(computed.running_var),
         )
 
     @staticmethod
@@ -559,18 +657,21 @@ class TensorFlowAdapter(Adapter):
         x = tensor(request.x)
         gamma = tensor(request.gamma)
         beta = tensor(request.beta)
+        arguments = _operator_arguments(request)
+        if request.running_mean is not None:
+            # The tape does not watch the statistics, so the gradients of
+            # inference hold them constant.
+            arguments["running"] = Running(
+                mean=tensor(request.running_mean),
+                variance=tensor(request.running_var),
+                training=request.mode == "training",
+                momentum=request.momentum,
+            )
         with tf.GradientTape() as tape:
             for watched in (x, gamma, beta):
                 if watched is not None:
                     tape.watch(watched)
-            computed = forward(
-                x,
-                gamma,
-                beta,
-                request.eps,
-                request.layout,
-                **_operator_arguments(request),
-            )
+            computed = forward(x, gamma, beta, request.eps, request.layout, **arguments)
         if not want:
             return computed, (None, None, None)
 
