@@ -1,5 +1,7 @@
 """MXNet 1.9.1 adapter: InstanceNorm three ways, and GroupNorm, LayerNorm and BatchNorm
 (training mode) through their native operators, with gradients through autograd.
+BatchNorm also runs training steps that update running statistics, and inference
+with them.
 
 MXNet runs operators asynchronously, so a framework error surfaces when a result is
 read. The adapter reads every result (`asnumpy`) inside the block that maps
@@ -23,6 +25,7 @@ with warnings.catch_warnings():
 
 from adapters.contract import (
     CONTRACT_VERSION,
+    MODES,
     Adapter,
     Device,
     Implementation,
@@ -75,10 +78,10 @@ def _no_double_backward(operators: str, backward_op: str, *others: str) -> str:
 
 
 # A forward computes the request's operator from x, gamma and beta, which run() has
-# converted to NDArrays. gamma and beta are ones and zeros when affine is off.
-Forward = Callable[
-    [mx.nd.NDArray, mx.nd.NDArray, mx.nd.NDArray, Request], mx.nd.NDArray
-]
+# converted to NDArrays. gamma and beta are ones and zeros when affine is off. The
+# implementations that keep running statistics also take `running`, the
+# (moving_mean, moving_var) NDArrays of a running-statistics request.
+Forward = Callable[..., mx.nd.NDArray]
 
 
 def _instance_norm(x, gamma, beta, request):
@@ -152,11 +155,17 @@ def _layer_norm_native(x, gamma, beta, request):
     return output.reshape(x.shape)
 
 
-def _batch_norm_native(x, gamma, beta, request):
-    # Training mode does not read the moving statistics, and the adapter discards
-    # their updates. They take gamma's dtype, which is float32 for a float16 x.
-    moving_mean = mx.nd.zeros(gamma.shape, ctx=x.context, dtype=gamma.dtype)
-    moving_var = mx.nd.ones(gamma.shape, ctx=x.context, dtype=gamma.dtype)
+def _batch_norm_native(x, gamma, beta, request, running=None):
+    if running is None:
+        # Training mode does not read the moving statistics, and the adapter
+        # discards their updates. They take gamma's dtype, which is float32 for a
+        # float16 x.
+        moving_mean = mx.nd.zeros(gamma.shape, ctx=x.context, dtype=gamma.dtype)
+        moving_var = mx.nd.ones(gamma.shape, ctx=x.context, dtype=gamma.dtype)
+        running_options = {}
+    else:
+        moving_mean, moving_var = running
+        running_options = {"momentum": request.momentum}
     return mx.nd.BatchNorm(
         x,
         gamma,
@@ -165,12 +174,26 @@ def _batch_norm_native(x, gamma, beta, request):
         moving_var,
         eps=request.eps,
         fix_gamma=False,
-        # Batch statistics need this and autograd's train mode, as in
-        # _batch_norm_reshape.
-        use_global_stats=False,
+        # Batch statistics need use_global_stats=False and autograd's train mode,
+        # as in _batch_norm_reshape. Inference needs use_global_stats=True, because
+        # in mxnet 1.9.1 predict mode with use_global_stats=False normalizes with
+        # the moving statistics too, but its backward returns an input gradient
+        # other than gamma * rstd * dy and changes moving_var.
+        use_global_stats=request.mode == "inference",
         axis=-1 if request.layout == "channels_last" else 1,
+        **running_options,
     )
 
+
+# The reason the InstanceNorm implementations keep no running statistics. In
+# mxnet 1.9.1, mx.nd.InstanceNorm and mx.nd.GroupNorm take data, gamma, beta and eps
+# (GroupNorm also num_groups and output_mean_var) and no moving statistics, and
+# gluon.nn.InstanceNorm's parameters are gamma and beta alone.
+NO_INSTANCE_NORM_RUNNING_STATS = (
+    f"mxnet {mx.__version__}'s InstanceNorm keeps no running statistics: "
+    "mx.nd.InstanceNorm takes no moving mean or variance, and "
+    "gluon.nn.InstanceNorm has the parameters gamma and beta only"
+)
 
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "instance-norm": (
@@ -180,6 +203,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             second_order_reason=_no_double_backward(
                 "InstanceNorm", "_backward_InstanceNorm"
             ),
+            running_stats_reason=NO_INSTANCE_NORM_RUNNING_STATS,
         ),
         _instance_norm,
     ),
@@ -188,6 +212,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "group-norm",
             "mxnet.nd.GroupNorm, num_groups = C",
             second_order_reason=_no_double_backward("GroupNorm", "_backward_GroupNorm"),
+            running_stats_reason=(
+                f"mxnet {mx.__version__}'s GroupNorm keeps no running statistics "
+                "(mx.nd.GroupNorm takes no moving mean or variance), and neither "
+                "does its InstanceNorm"
+            ),
         ),
         _group_norm,
     ),
@@ -201,6 +230,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "reshape with gamma and beta repeated N times",
             second_order_reason=_no_double_backward(
                 "reshape and BatchNorm", "_backward_reshape", "_backward_BatchNorm"
+            ),
+            running_stats_reason=(
+                "on the (1, N*C, ...) reshape, BatchNorm's moving statistics "
+                "belong to the N*C slices, not to the C channels, and "
+                + NO_INSTANCE_NORM_RUNNING_STATS
             ),
         ),
         _batch_norm_reshape,
@@ -237,12 +271,17 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "batch_norm.native": (
         Implementation(
             "batch_norm.native",
-            "mxnet.nd.BatchNorm(x, gamma, beta, zeros(C), ones(C), eps, "
-            "fix_gamma=False, use_global_stats=False, axis=1, or axis=-1 for "
-            "channels_last) in autograd's train mode",
+            "mxnet.nd.BatchNorm(x, gamma, beta, moving_mean, moving_var, eps, "
+            "fix_gamma=False, axis=1, or axis=-1 for channels_last); moving_mean "
+            "and moving_var are zeros(C) and ones(C), or with running statistics "
+            "the request's, with momentum. Training: use_global_stats=False in "
+            "autograd's train mode, and backward, after which the moving "
+            "statistics hold the update. Inference: use_global_stats=True in "
+            "autograd's predict mode",
             layouts=("channels_first", "channels_last"),
             operator="batch_norm",
             second_order_reason=_no_double_backward("BatchNorm", "_backward_BatchNorm"),
+            running_stats="mxnet",
         ),
         _batch_norm_native,
     ),
@@ -310,6 +349,33 @@ def _framework_message(error: Exception) -> str:
     return f"{name}: {' '.join(lines)}"
 
 
+def _check_running_request(implementation: Implementation, request: Request) -> None:
+    """Raise ValueError if the request's mode or running statistics do not fit the
+    implementation. Running statistics go only to an implementation that names its
+    convention, and inference needs them."""
+    if request.mode not in MODES:
+        raise ValueError(
+            f"invalid mode {request.mode!r}; expected one of {', '.join(MODES)}"
+        )
+    has_running = request.running_mean is not None
+    if has_running != (request.running_var is not None):
+        raise ValueError(
+            "invalid request: running_mean and running_var must be both set or "
+            "both None"
+        )
+    if has_running and not implementation.running_stats:
+        raise ValueError(
+            f"implementation {implementation.name} keeps no running statistics, "
+            "but the request carries them"
+        )
+    if request.mode == "inference" and not has_running:
+        raise ValueError(
+            "invalid request: mode 'inference' needs running_mean and running_var"
+        )
+    if has_running and request.mode == "training" and request.momentum is None:
+        raise ValueError("invalid request: a training step needs a momentum")
+
+
 def _cuda_enabled() -> bool:
     return mx.runtime.Features().is_enabled("CUDA")
 
@@ -353,12 +419,20 @@ class MXNetAdapter(Adapter):
         return None
 
     def run(self, request: Request) -> Result:
-        _, forward = IMPLEMENTATIONS[request.implementation]
+        implementation, forward = IMPLEMENTATIONS[request.implementation]
+        _check_running_request(implementation, request)
         context = _device_context(request.device)
         dtype = request.dtype
         parameter_dtype = _parameter_dtype(request.implementation, dtype)
         parameter_shape = _parameter_shape(request)
         want = request.gradients
+        training = request.mode == "training"
+        training_step = training and request.running_mean is not None
+        # mxnet 1.9.1's BatchNorm updates the moving statistics only when backward
+        # runs. Read after the forward pass alone, with or without autograd.record(),
+        # they contain the old values. So a training step records and runs backward
+        # even when request.gradients is False, and then returns no gradients.
+        record = want or training_step
 
         def ndarray(array: np.ndarray, array_dtype: str, grad: bool) -> mx.nd.NDArray:
             # mx.nd.array copies, so the request's read-only arrays stay untouched.
@@ -368,16 +442,25 @@ class MXNetAdapter(Adapter):
             return value
 
         try:
-            x = ndarray(request.x, dtype, want)
+            x = ndarray(request.x, dtype, record)
             if request.affine:
-                gamma = ndarray(request.gamma, parameter_dtype, want)
-                beta = ndarray(request.beta, parameter_dtype, want)
+                gamma = ndarray(request.gamma, parameter_dtype, record)
+                beta = ndarray(request.beta, parameter_dtype, record)
             else:
                 # Every MXNet operator takes gamma and beta, so affine off is
                 # gamma = 1, beta = 0 with no gradients requested.
                 gamma = mx.nd.ones(parameter_shape, ctx=context, dtype=parameter_dtype)
                 beta = mx.nd.zeros(parameter_shape, ctx=context, dtype=parameter_dtype)
             affine_gradients = want and request.affine
+            extra = {}
+            if request.running_mean is not None:
+                # BatchNorm takes its moving statistics in gamma's dtype (float32
+                # for float16 x, which represents every float16 value exactly) and
+                # updates these NDArrays in place.
+                extra["running"] = (
+                    ndarray(request.running_mean, parameter_dtype, False),
+                    ndarray(request.running_var, parameter_dtype, False),
+                )
 
             if request.implementation == "instance-norm" and request.x.size == 0:
                 # Measured: mxnet 1.9.1's CPU InstanceNorm on an input with zero
@@ -385,13 +468,14 @@ class MXNetAdapter(Adapter):
                 # refusal, so the item gets `error`. With gradients requested this
                 # line is never reached: attach_grad() already raised MXNetError.
                 raise RuntimeError(EMPTY_INSTANCE_NORM)
-            if want:
-                with autograd.record(train_mode=True):
-                    output = forward(x, gamma, beta, request)
+            if record:
+                with autograd.record(train_mode=training):
+                    output = forward(x, gamma, beta, request, **extra)
                 output.backward(ndarray(request.grad_output, dtype, False))
             else:
-                with autograd.train_mode():
-                    output = forward(x, gamma, beta, request)
+                scope = autograd.train_mode() if training else autograd.predict_mode()
+                with scope:
+                    output = forward(x, gamma, beta, request, **extra)
             # Reading each array waits for it, so an asynchronous MXNetError is
             # raised here rather than in a later item.
             result = Result(
@@ -402,6 +486,10 @@ class MXNetAdapter(Adapter):
                 dtype=np.dtype(output.dtype).name,
                 eps=_received_eps(request.implementation, request.eps),
             )
+            if training_step:
+                moving_mean, moving_var = extra["running"]
+                result.running_mean = moving_mean.asnumpy()
+                result.running_var = moving_var.asnumpy()
         except mx.base.MXNetError as error:
             raise Rejected(_framework_message(error)) from error
         return result
