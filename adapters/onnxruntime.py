@@ -16,6 +16,12 @@ onnxruntime.get_available_providers(). The plain onnxruntime package has no
 gradient graph builder, so `OnnxRuntimeAdapter` returns outputs only.
 `OnnxRuntimeTrainingAdapter` runs with the onnxruntime-training package instead and
 returns gradients where that package's gradient builder supports the operator.
+
+The batch_norm implementation also takes running statistics and follows the "onnx"
+convention, in which momentum weights the old value and the variance is biased.
+They become the BatchNormalization inputs input_mean and input_var. A training step
+also returns the node's running_mean and running_var outputs, and inference sets
+training_mode = 0.
 """
 
 from __future__ import annotations
@@ -144,6 +150,27 @@ GROUP_NORM_OPSET = 21
 LAYER_NORM_OPSET = 17
 BATCH_NORM_OPSET = 15
 
+# The graph inputs that carry a request's running statistics (BatchNormalization's
+# own input names).
+RUNNING_INPUTS = ("input_mean", "input_var")
+
+# The reason each InstanceNorm implementation keeps no running statistics, keyed by
+# the ONNX operator it runs (from the operator schemas of onnx 1.23.2).
+INSTANCE_NORM_RUNNING_REASONS = {
+    INSTANCE_NORM: (
+        f"ONNX {INSTANCE_NORM} (versions 1, 6 and 22) has no running mean or "
+        "variance among its inputs and outputs"
+    ),
+    GROUP_NORM: (
+        f"ONNX {GROUP_NORM} (versions 18 and 21) has no running mean or variance "
+        "among its inputs and outputs"
+    ),
+    BATCH_NORM: (
+        f"{BATCH_NORM} on the (1, N*C, ...) reshape would keep running statistics "
+        "per (n, c) slice, not per channel as InstanceNorm's running statistics are"
+    ),
+}
+
 # The signature every support probe builds: rank 2 input, three channels, eps 1e-5.
 # onnxruntime registers kernels per operator version, dtype and provider, not per
 # shape or attribute value, so one signature shows which dtypes run.
@@ -178,7 +205,9 @@ class Signature:
     fix C (InstanceNorm through GroupNormalization with num_groups = C); every other
     dimension is symbolic. `groups` is GroupNormalization's num_groups, and
     `normalized_ndim` the number of trailing axes that LayerNormalization normalizes
-    over."""
+    over. `mode` is set only for a batch_norm graph whose running statistics are
+    graph inputs ("training" or "inference"), and `momentum` only when such a graph
+    is in training mode; both are None for the graph without running statistics."""
 
     implementation: str
     dtype: str
@@ -188,6 +217,8 @@ class Signature:
     gradients: bool
     groups: int | None = None
     normalized_ndim: int | None = None
+    mode: str | None = None
+    momentum: float | None = None
 
 
 # ---------------------------------------------------------------------------------
@@ -296,7 +327,43 @@ def _batch_norm_training_nodes(
 
 
 def _batch_norm_nodes(signature: Signature) -> list[onnx.NodeProto]:
-    return _batch_norm_training_nodes(signature, "x", "scale", "B", "y")
+    if signature.mode is None:
+        return _batch_norm_training_nodes(signature, "x", "scale", "B", "y")
+    return _batch_norm_running_nodes(signature)
+
+
+def _batch_norm_running_nodes(signature: Signature) -> list[onnx.NodeProto]:
+    """Run BatchNormalization on the graph inputs input_mean and input_var. In
+    training mode the node normalizes with the batch's statistics and writes the
+    updated running_mean and running_var outputs. In inference mode it normalizes
+    with the inputs and has the output y alone, because BatchNormalization-15
+    allows the running outputs only in training mode."""
+    # NOTE: ONNX stores momentum as float32, like epsilon. The suite's 0.25 is
+    # exact, but another momentum would reach the kernel rounded, and the
+    # contract has no Result field that declares a rounded momentum.
+    inputs = ["x", "scale", "B", *RUNNING_INPUTS]
+    if signature.mode == "inference":
+        return [
+            helper.make_node(
+                BATCH_NORM,
+                inputs,
+                ["y"],
+                name="normalize",
+                epsilon=signature.eps,
+                training_mode=0,
+            )
+        ]
+    return [
+        helper.make_node(
+            BATCH_NORM,
+            inputs,
+            ["y", "running_mean", "running_var"],
+            name="normalize",
+            epsilon=signature.eps,
+            momentum=signature.momentum,
+            training_mode=1,
+        )
+    ]
 
 
 def _batch_norm_reshape_nodes(signature: Signature) -> list[onnx.NodeProto]:
@@ -346,9 +413,23 @@ def _boundary_casts(signature: Signature) -> tuple[list, list]:
         return [], []
     to = ONNX_TYPES["bfloat16"]
     names = ["x", "scale", "B"] + (["dy"] if signature.gradients else [])
+    names += _running_inputs(signature)
     before = [helper.make_node("Cast", [f"{n}_in"], [n], to=to) for n in names]
-    after = [helper.make_node("Cast", ["y"], ["y_out"], to=TensorProto.FLOAT)]
+    after = [
+        helper.make_node("Cast", [n], [f"{n}_out"], to=TensorProto.FLOAT)
+        for n in ["y", *_running_outputs(signature)]
+    ]
     return before, after
+
+
+def _running_inputs(signature: Signature) -> list[str]:
+    """Return the names of the running statistics the graph takes as inputs."""
+    return [] if signature.mode is None else list(RUNNING_INPUTS)
+
+
+def _running_outputs(signature: Signature) -> list[str]:
+    """Return the names of the updated running statistics the graph outputs."""
+    return ["running_mean", "running_var"] if signature.mode == "training" else []
 
 
 def _loss_nodes() -> list[onnx.NodeProto]:
@@ -371,9 +452,11 @@ def build_model(spec: Spec, signature: Signature, ir_version: int) -> onnx.Model
 
     Inputs x, scale and B (and dy with gradients); outputs y (and the scalar loss
     sum(y * dy) first, with gradients). scale and B have the shape of the last
-    `normalized_ndim` axes of x for LayerNormalization and (C,) otherwise. A bfloat16
-    model's inputs and outputs are float32 and carry the names with `_in` and `_out`
-    appended.
+    `normalized_ndim` axes of x for LayerNormalization and (C,) otherwise. A
+    signature with a `mode` adds the inputs input_mean and input_var of shape (C,),
+    and in training mode the outputs running_mean and running_var after y. A
+    bfloat16 model's inputs and outputs are float32 and carry the names with `_in`
+    and `_out` appended.
     """
     dims = _dimension_names(signature.rank)
     if signature.channels is not None:
@@ -392,9 +475,17 @@ def build_model(spec: Spec, signature: Signature, ir_version: int) -> onnx.Model
         helper.make_tensor_value_info(f"scale{suffix_in}", boundary, parameter_dims),
         helper.make_tensor_value_info(f"B{suffix_in}", boundary, parameter_dims),
     ]
+    inputs += [
+        helper.make_tensor_value_info(f"{name}{suffix_in}", boundary, parameter_dims)
+        for name in _running_inputs(signature)
+    ]
     builder = NODE_BUILDERS[(spec.implementation.operator, spec.operator)]
     nodes = cast_before + builder(signature) + cast_after
     outputs = [helper.make_tensor_value_info(f"y{suffix_out}", boundary, dims)]
+    outputs += [
+        helper.make_tensor_value_info(f"{name}{suffix_out}", boundary, parameter_dims)
+        for name in _running_outputs(signature)
+    ]
     if signature.gradients:
         inputs.append(helper.make_tensor_value_info(f"dy{suffix_in}", boundary, dims))
         nodes += _loss_nodes()
@@ -679,6 +770,7 @@ def build_specs(
             description,
             gradients=False,
             gradient_reason=gradient_reason(operator),
+            running_stats_reason=INSTANCE_NORM_RUNNING_REASONS[operator],
         )
 
     specs = {}
@@ -742,9 +834,12 @@ def _family_specs(
             BATCH_NORM,
             BATCH_NORM_OPSET,
             f"ONNX {BATCH_NORM}-15 in a model importing opset {BATCH_NORM_OPSET}: "
-            "training_mode = 1, epsilon = eps, momentum = 0.9, input_mean zeros and "
-            f"input_var ones of shape (C,), scale and B of shape (C,) ({affine_off}), "
-            "only the output Y read",
+            f"epsilon = eps, scale and B of shape (C,) ({affine_off}). Without "
+            "running statistics: training_mode = 1, momentum = 0.9, input_mean "
+            "zeros and input_var ones, only the output Y read. With them: "
+            "input_mean and input_var are the request's; training mode sets "
+            "training_mode = 1 and momentum = the request's and reads Y, "
+            "running_mean and running_var; inference mode sets training_mode = 0",
         ),
     )
     specs = {}
@@ -758,6 +853,7 @@ def _family_specs(
             gradients=False,
             gradient_reason=gradient_reason(onnx_operator),
             operator=operator,
+            running_stats="onnx" if operator == "batch_norm" else "",
         )
         specs[name] = Spec(onnx_operator, opset, declaration)
     return specs
@@ -840,16 +936,24 @@ class OnnxRuntimeAdapter(Adapter):
         grads: bool,
         groups: int | None = None,
         normalized_ndim: int | None = None,
+        mode: str | None = None,
+        momentum: float | None = None,
     ) -> Signature:
         """Return the graph signature; `groups` applies to group_norm and
         `normalized_ndim` to layer_norm implementations, and both are ignored
-        elsewhere."""
+        elsewhere. `mode` is the mode of a request that carries running
+        statistics, None for one that does not, and `momentum` its momentum."""
         operator = spec.implementation.operator
         fixes_channels = operator == "instance_norm" and spec.operator == GROUP_NORM
         if fixes_channels:
             groups = channels
         elif operator != "group_norm":
             groups = None
+        if not spec.implementation.running_stats:
+            mode = None
+        if mode != "training":
+            # Only a training step reads the momentum.
+            momentum = None
         return Signature(
             implementation=spec.implementation.name,
             dtype=dtype,
@@ -859,6 +963,8 @@ class OnnxRuntimeAdapter(Adapter):
             gradients=grads,
             groups=groups,
             normalized_ndim=normalized_ndim if operator == "layer_norm" else None,
+            mode=mode,
+            momentum=momentum,
         )
 
     def model_bytes(self, spec: Spec, signature: Signature) -> bytes:
@@ -927,11 +1033,26 @@ class OnnxRuntimeAdapter(Adapter):
                 shape = request.x.shape[1:2]
             scale = np.ones(shape, dtype=container)
             bias = np.zeros(shape, dtype=container)
-        arrays = {"x": request.x, "scale": scale, "B": bias, "dy": request.grad_output}
+        arrays = {
+            "x": request.x,
+            "scale": scale,
+            "B": bias,
+            "dy": request.grad_output,
+            "input_mean": request.running_mean,
+            "input_var": request.running_var,
+        }
         suffix = "_in" if request.dtype == "bfloat16" else ""
         feeds = {}
         for name in names:
-            feeds[f"{name}{suffix}"] = np.ascontiguousarray(arrays[name], container)
+            array = np.ascontiguousarray(arrays[name], container)
+            if name in RUNNING_INPUTS:
+                # A session reads a contiguous array of its input type in place
+                # and may write to it. onnxruntime-training 1.19.2's gradient graph
+                # of the inference-mode model (see OnnxRuntimeTrainingAdapter)
+                # stores a running-statistics update in the input_mean and
+                # input_var buffers, even read-only ones.
+                array = array.copy()
+            feeds[f"{name}{suffix}"] = array
         return feeds
 
     def run(self, request: Request) -> Result:
@@ -946,8 +1067,11 @@ class OnnxRuntimeAdapter(Adapter):
             grads,
             groups=request.groups,
             normalized_ndim=request.normalized_ndim,
+            mode=request.mode if request.running_mean is not None else None,
+            momentum=request.momentum,
         )
         names = ["x", "scale", "B"] + (["dy"] if grads else [])
+        names += _running_inputs(signature)
         try:
             session = self.session(spec, signature, request.device)
             outputs = session.run(None, self._feeds(request, names))
@@ -965,7 +1089,15 @@ class OnnxRuntimeAdapter(Adapter):
         output = named["y"]
         dtype = "bfloat16" if request.dtype == "bfloat16" else output.dtype.name
         # ONNX float attributes are float32: the kernel receives eps rounded to it.
-        return Result(output=output, dtype=dtype, eps=float(np.float32(request.eps)))
+        # Only a training-mode graph with running statistics outputs running_mean
+        # and running_var.
+        return Result(
+            output=output,
+            dtype=dtype,
+            eps=float(np.float32(request.eps)),
+            running_mean=named.get("running_mean"),
+            running_var=named.get("running_var"),
+        )
 
 
 # ---------------------------------------------------------------------------------
@@ -982,7 +1114,17 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
     sum(y * dy) goes through the training graph transformations
     (get_optimized_model, which turns BatchNormalization in training mode into
     BatchNormInternal) and then gets a backward graph with outputs x_grad,
-    scale_grad and B_grad, run in an ordinary InferenceSession.
+    scale_grad and B_grad, run in an ordinary InferenceSession. A training step
+    with running statistics keeps running_mean and running_var among the outputs.
+
+    NOTE: onnxruntime-training 1.19.2 cannot differentiate BatchNormalization in
+    inference mode. GradientGraphBuilder has no gradient for BatchNormalization
+    itself ("The gradient builder has not been registered: BatchNormalization for
+    node"), and get_optimized_model turns every BatchNormalization into
+    BatchNormInternal with training_mode = 1, training_mode = 0 included. So an
+    inference request with gradients runs in training mode: its output and
+    gradients equal those of the model without running statistics, and they do
+    not match inference's reference.
     """
 
     framework = "onnxruntime-training"
