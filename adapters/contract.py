@@ -362,6 +362,21 @@ def _check_running_stats(origin: str, implementation: Implementation) -> None:
     """Raise ContractError unless the implementation's running_stats is empty or
     a known convention of an operator that keeps running statistics."""
     convention = implementation.running_stats
+    if convention and implementation.running_stats_reason:
+        raise ContractError(
+            f"adapter {origin}: implementation {implementation.name!r} declares "
+            "running_stats and a running_stats_reason; the reason says why there "
+            "are none, so set one or the other"
+        )
+    if implementation.operator not in RUNNING_OPERATORS and (
+        convention or implementation.running_stats_reason
+    ):
+        raise ContractError(
+            f"adapter {origin}: implementation {implementation.name!r} computes "
+            f"{implementation.operator}, which keeps no running statistics; only "
+            f"{' and '.join(RUNNING_OPERATORS)} do, so leave running_stats and "
+            "running_stats_reason empty"
+        )
     if not convention:
         return
     if convention not in RUNNING_CONVENTIONS:
@@ -369,12 +384,6 @@ def _check_running_stats(origin: str, implementation: Implementation) -> None:
             f"adapter {origin}: implementation {implementation.name!r} declares "
             f"running_stats {convention!r}; use one of "
             f"{', '.join(RUNNING_CONVENTIONS)}, or leave it empty"
-        )
-    if implementation.operator not in RUNNING_OPERATORS:
-        raise ContractError(
-            f"adapter {origin}: implementation {implementation.name!r} computes "
-            f"{implementation.operator}, which keeps no running statistics; only "
-            f"{', '.join(RUNNING_OPERATORS)} do"
         )
 
 

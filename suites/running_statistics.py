@@ -35,6 +35,7 @@ from suites.cases import Case, Inputs
 from suites.verdicts import (
     Item,
     Record,
+    array_dtype,
     build_request,
     call_adapter,
     item_inputs,
@@ -130,17 +131,27 @@ def rejection_rule(case: Case, mode: str) -> tuple[bool, str]:
 
 @functools.lru_cache(maxsize=16)
 def posed_statistics(
-    case: Case, dtype: str, seed: int
+    case: Case, dtype: str, seed: int, mode: str = "training"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return the running mean and variance posed with the case, shape (C,),
-    rounded to `dtype` and read-only.
+    """Return the running mean and variance posed with the case for `mode`, shape
+    (C,), rounded to `dtype` and read-only.
 
-    They derive from the case's x, so that they sit where the batch's statistics
-    sit without equalling them: per channel, over its finite elements, the mean
-    plus half the standard deviation, and 1.5 times the biased variance. A
-    channel without finite elements gets 0 and 1. A zero variance stays zero (a
-    hard case: rstd is 1 / sqrt(eps)), except with eps = 0, where it is 1, so that
-    inference has a finite result. Values beyond the dtype's range are clipped to it.
+    They derive from the case's x, per channel over its finite elements, and sit
+    away from the batch's statistics, so that a swapped convention, an update
+    never made or inference with the batch's statistics moves a result by more
+    than its budget. The mean is the batch's plus half its standard deviation plus
+    a quarter of |mean|: on a large mean with a small spread the batch's mean
+    carries an error of about u * |mean|, and a running mean a few spreads away
+    could not be told from it in float32. The variance is 1.5 times the batch's
+    biased variance in a training step, so that an error in the batch's variance
+    is not lost beside a large running value. In inference it is that plus
+    mean^2 / 4, so that x - running mean, about |mean| / 4, is divided by about
+    |mean| / 2 and the results stay near 1.
+
+    A channel without finite elements gets 0 and 1. A zero variance stays zero
+    where nothing adds to it (rstd is then 1 / sqrt(eps)), except with eps = 0,
+    where it is 1, so that inference has a finite result. Values beyond the
+    dtype's range are clipped to it.
     """
     x = normalization.as_float64(cases.materialize(case, dtype, seed).x)
     channels = case.channels
@@ -151,8 +162,10 @@ def posed_statistics(
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(finite, axis=axes) if x.size else np.full(channels, np.nan)
         variance = np.nanvar(finite, axis=axes) if x.size else np.full(channels, np.nan)
-        running_mean = mean + 0.5 * np.sqrt(variance)
+        running_mean = mean + 0.5 * np.sqrt(variance) + 0.25 * np.abs(mean)
         running_var = 1.5 * variance
+        if mode == "inference":
+            running_var = running_var + 0.25 * mean * mean
     missing = ~np.isfinite(running_mean) | ~np.isfinite(running_var)
     running_mean[missing], running_var[missing] = EMPTY_STATISTICS
     if case.eps == 0.0:
@@ -261,7 +274,7 @@ def catalogue_reference(
     statistics, with the case's eps or the eps the framework received. Cached so
     that the devices tested in this dtype share it."""
     inputs = cases.operator_inputs(case, dtype, seed, operator)
-    running_mean, running_var = posed_statistics(case, dtype, seed)
+    running_mean, running_var = posed_statistics(case, dtype, seed, mode)
     if mode == "training":
         return training_reference(
             inputs.x,
@@ -332,7 +345,7 @@ def run_item(
     recorded as unsupported, with its `gradient_reason`."""
     gradients = implementation.gradients
     inputs = item_inputs(item)
-    statistics = posed_statistics(item.case, item.dtype, item.seed)
+    statistics = posed_statistics(item.case, item.dtype, item.seed, mode)
     request = build_running_request(item, inputs, statistics, mode, gradients)
     quantities = quantities_for(item.case, mode, gradients)
 
@@ -393,14 +406,49 @@ def judge_result(
             unpacked.units,
             item.operator,
         )
+        # The running values may come back in another dtype than the output
+        # (float32 for float16 input, say); their record names their own.
+        result_dtype = unpacked.result_dtype
+        if quantity in error_model.RUNNING_QUANTITIES:
+            result_dtype = array_dtype(unpacked.arrays[quantity], dtype) or result_dtype
         record = record_comparison(
-            item,
-            quantity,
-            comparison,
-            unpacked.result_dtype,
-            unpacked.eps,
-            unpacked.units,
+            item, quantity, comparison, result_dtype, unpacked.eps, unpacked.units
         )
         record.compute_dtype = result.compute_dtype
+        if not record.conforming and mode == "training":
+            record.message += convention_hint(
+                item, quantity, unpacked.arrays[quantity], convention, unpacked.units
+            )
         records.append(record)
     return records
+
+
+def convention_hint(
+    item: Item, quantity: str, got: np.ndarray, declared: str, units: str
+) -> str:
+    """Return a note naming the other conventions whose update the failing
+    running value matches within its budget, or "" when none does."""
+    case, dtype = item.case, item.dtype
+    matching = []
+    for name in running_stats.CONVENTIONS:
+        if name == declared:
+            continue
+        other = catalogue_reference(case, dtype, item.seed, "training", name)
+        comparison = error_model.compare(
+            quantity,
+            got,
+            other.expected[quantity],
+            other.scales[quantity],
+            dtype,
+            case.shape,
+            units,
+            item.operator,
+        )
+        if comparison.within_budget:
+            matching.append(name)
+    if not matching:
+        return ""
+    return (
+        f" (the implementation declares the {declared!r} convention; the value "
+        f"matches the update of {', '.join(repr(name) for name in matching)})"
+    )

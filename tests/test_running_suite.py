@@ -73,6 +73,50 @@ def test_running_stats_on_layer_norm_rejected():
         validate(Declares(implementation), "test")
 
 
+def test_running_stats_reason_on_layer_norm_rejected():
+    implementation = Implementation(
+        "ln", "", operator="layer_norm", running_stats_reason="none here"
+    )
+    with pytest.raises(ContractError, match="keeps no running statistics"):
+        validate(Declares(implementation), "test")
+
+
+def test_running_stats_with_reason_rejected():
+    implementation = Implementation(
+        "bn",
+        "",
+        operator="batch_norm",
+        running_stats="torch",
+        running_stats_reason="none here",
+    )
+    with pytest.raises(ContractError, match="set one or the other"):
+        validate(Declares(implementation), "test")
+
+
+def test_swapped_convention_named_in_message():
+    records = running.run_case(
+        running.MomentumWeightsOld(), "batch_norm", "random-2d", "training", 0
+    )
+    message = records["running_mean"].message
+    assert "declares the 'torch' convention" in message
+    assert "'keras'" in message and "'mxnet'" in message
+
+
+def test_running_value_dtype_recorded():
+    class Float64Running(running.RunningKernel):
+        def run(self, request):
+            result = super().run(request)
+            if result.running_mean is not None:
+                result.running_mean = result.running_mean.astype(np.float64)
+            return result
+
+    records = running.run_case(
+        Float64Running(), "batch_norm", "random-2d", "training", 0
+    )
+    assert records["running_mean"].result_dtype == "float64"
+    assert records["running_var"].result_dtype == "float32"
+
+
 def test_request_and_result_default_to_no_running_statistics():
     request = Request(
         "batch_norm",
@@ -108,14 +152,17 @@ def test_posed_statistics_shape_and_dtype(dtype):
     assert not mean.flags.writeable and not var.flags.writeable
 
 
-def test_posed_statistics_near_the_batch_statistics():
+@pytest.mark.parametrize("mode", MODES)
+def test_posed_statistics_formula(mode):
     case = cases.by_name("large-mean-1e4")
     x = cases.materialize(case, "float64", 0).x
-    mean, var = running_statistics.posed_statistics(case, "float64", 0)
+    mean, var = running_statistics.posed_statistics(case, "float64", 0, mode)
     batch = statistics(x, 0.0, (0, 2, 3))
-    np.testing.assert_allclose(var, 1.5 * batch.var.reshape(-1))
+    batch_mean, batch_var = batch.mean.reshape(-1), batch.var.reshape(-1)
+    extra = 0.25 * batch_mean**2 if mode == "inference" else 0.0
+    np.testing.assert_allclose(var, 1.5 * batch_var + extra)
     np.testing.assert_allclose(
-        mean, batch.mean.reshape(-1) + 0.5 * np.sqrt(batch.var.reshape(-1))
+        mean, batch_mean + 0.5 * np.sqrt(batch_var) + 0.25 * np.abs(batch_mean)
     )
 
 
@@ -291,6 +338,29 @@ EXPOSED = [
         "random-2d",
         "inference",
         "inference_grad_input",
+    ),
+    # A large mean with a small spread: in float32 the batch's statistics carry an
+    # error of about u * |mean|, and the posed values lie far beyond it.
+    (
+        running.MomentumWeightsOld,
+        "batch_norm",
+        "large-mean-1e6",
+        "training",
+        "running_mean",
+    ),
+    (
+        running.InferenceWithBatchStatistics,
+        "batch_norm",
+        "tiny-variance",
+        "inference",
+        "inference_output",
+    ),
+    (
+        running.InferenceWithBatchStatistics,
+        "instance_norm",
+        "large-mean-1e6",
+        "inference",
+        "inference_grad_gamma",
     ),
     (
         running.InferenceGradientThroughStatistics,
