@@ -69,9 +69,12 @@ def double_backward(
         v_part = m * v - b - xhat * d
         w = r / m * v_part
         k = a - b * c / m - d * e / m
-        grad_x = -(r * r / m) * (
-            xhat * k + (e * v_part + d * (m * g - c - xhat * e)) / m
-        )
+        bracket = xhat * k + (e * v_part + d * (m * g - c - xhat * e)) / m
+        scale = r * r / m
+        grad_x = -scale * bracket
+        # A constant slice with a tiny eps: r^2 overflows, but the bracket is
+        # exactly 0 there, and so is the derivative.
+        grad_x = np.where(np.isinf(scale) & (bracket == 0), -bracket, grad_x)
         shared = normalization.parameter_axes(x.ndim, spans)
         grad_gamma = np.sum(w * dy, axis=shared).reshape(np.shape(gamma))
     return SecondOrder(

@@ -138,6 +138,62 @@ class WithElement(Generator):
         return max(self.base.max_abs(), abs(self.value))
 
 
+@dataclass(frozen=True)
+class Pattern(Generator):
+    """Repeats `values` along every (n, c) slice in order (the flattened spatial
+    axes), plus channel c's entry of `channel_offsets` (none: 0). Draws nothing, so
+    a reported input can be written down exactly."""
+
+    values: tuple[float, ...]
+    channel_offsets: tuple[float, ...] = ()
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        spatial = shape[2:]
+        length = int(np.prod(spatial, dtype=np.int64))
+        pattern = np.resize(np.asarray(self.values, dtype=np.float64), length)
+        values = np.broadcast_to(pattern.reshape(spatial), shape).copy()
+        if self.channel_offsets and shape[0]:
+            offsets = np.asarray(self.channel_offsets, dtype=np.float64)
+            values += offsets.reshape((1, -1) + (1,) * len(spatial))
+        return values
+
+    def max_abs(self) -> float:
+        largest = max(abs(value) for value in self.values)
+        return largest + max((abs(o) for o in self.channel_offsets), default=0.0)
+
+
+@dataclass(frozen=True)
+class SignedUniform(Generator):
+    """Magnitudes drawn uniformly from [low, high] with random signs."""
+
+    low: float
+    high: float
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        magnitudes = rng.uniform(self.low, self.high, size=shape)
+        return np.where(rng.random(size=shape) < 0.5, -magnitudes, magnitudes)
+
+    def max_abs(self) -> float:
+        return max(abs(self.low), abs(self.high))
+
+
+@dataclass(frozen=True)
+class PerChannelNormal(Generator):
+    """Normal values with mean `loc` and channel c's standard deviation
+    `scales[c]`."""
+
+    scales: tuple[float, ...]
+    loc: float = 0.0
+
+    def generate(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        values = rng.normal(size=shape)
+        scales = np.asarray(self.scales, dtype=np.float64)
+        return self.loc + values * scales.reshape((1, -1) + (1,) * (len(shape) - 2))
+
+    def max_abs(self) -> float:
+        return abs(self.loc) + 7.0 * max(self.scales)
+
+
 DEFAULT_X = Normal()
 DEFAULT_GAMMA = Uniform(0.5, 1.5)
 DEFAULT_BETA = Normal(0.0, 0.5)
@@ -574,6 +630,287 @@ CATALOGUE: tuple[Case, ...] = (
         "one sample: BatchNorm's channel statistics are its (0, c) slice's",
         (1, 3, 6, 6),
     ),
+)
+
+
+# Inputs that users reported against real frameworks, each with its exact answer
+# (asserted against the reference in tests/test_reported_cases.py). gamma = 1 and
+# beta = 0 where the answer is given as y, and dy = 1 where it is given as dx = 0.
+UNIT_AFFINE = {"gamma": Constant(1.0), "beta": Constant(0.0)}
+REPORTED: tuple[Case, ...] = (
+    Case(
+        "reported-range-overflow",
+        "reported",
+        "one channel [-3e38, -1e38, 1e38, 3e38]: its variance, 5e76, is beyond "
+        "float32; y = [-1.3416, -0.4472, 0.4472, 1.3416]",
+        (1, 1, 4),
+        x=Pattern((-3e38, -1e38, 1e38, 3e38)),
+        **UNIT_AFFINE,
+    ),
+    Case(
+        "reported-offset-40000",
+        "reported",
+        "one channel [40000, 40001, 40002, 40003]: E[x^2] - E[x]^2 is negative in "
+        "float32; y = [-1.3416, -0.4472, 0.4472, 1.3416]",
+        (1, 1, 4),
+        x=Pattern((40000.0, 40001.0, 40002.0, 40003.0)),
+        **UNIT_AFFINE,
+    ),
+    Case(
+        "reported-offset-2000",
+        "reported",
+        "one channel 2000 + [-1.5, -0.5, 0.5, 1.5]; y = [-1.3416, -0.4472, 0.4472, "
+        "1.3416]",
+        (1, 1, 4),
+        x=Pattern((1998.5, 1999.5, 2000.5, 2001.5)),
+        **UNIT_AFFINE,
+    ),
+    Case(
+        "reported-constant-3.3e7",
+        "reported",
+        "every channel constant at 3.3e7, M = 9: y = beta exactly, dx = 0 (dy = 1)",
+        (3, 2, 3, 3),
+        x=Constant(3.3e7),
+        grad_output=Constant(1.0),
+    ),
+    Case(
+        "reported-constant-1e10",
+        "reported",
+        "one channel [1e10, 1e10, 1e10]: y = beta, where x * rstd + (-mean * rstd) "
+        "fused into one multiply-add gives a large wrong number; dx = 0 (dy = 1)",
+        (1, 1, 3),
+        x=Constant(1e10),
+        grad_output=Constant(1.0),
+    ),
+    Case(
+        "reported-zeros-eps1e-12",
+        "reported",
+        "all zeros with eps = 1e-12, which rounds to 0 in float16: y = beta, and 0 / 0 "
+        "must not appear; dx = 0 (dy = 1)",
+        (2, 2, 8),
+        eps=1e-12,
+        x=Constant(0.0),
+        grad_output=Constant(1.0),
+    ),
+    Case(
+        "reported-alternating-512",
+        "reported",
+        "channels alternating +512 and -512: y = +1 and -1, while a float16 sum of "
+        "squares overflows",
+        (1, 2, 16),
+        x=Pattern((512.0, -512.0)),
+        **UNIT_AFFINE,
+    ),
+    Case(
+        "reported-nhwc-ramp",
+        "reported",
+        "(1, 2, 2, 4) NHWC input 100 * channel + spatial index: y = [-1.3416, "
+        "-0.4472, 0.4472, 1.3416] in each channel; GroupNorm's two groups are "
+        "channels {0, 1} and {2, 3}",
+        (1, 4, 2, 2),
+        x=Pattern((0.0, 1.0, 2.0, 3.0), (0.0, 100.0, 200.0, 300.0)),
+        layout="channels_last",
+        groups=2,
+        **UNIT_AFFINE,
+    ),
+    Case(
+        "reported-eps1e-8-variance1e-8",
+        "reported",
+        "one channel alternating +1e-4 and -1e-4 (variance 1e-8) with eps = 1e-8: "
+        "y = +0.7071 and -0.7071, where eps raised to 1e-5 gives +-0.0316",
+        (1, 1, 8),
+        eps=1e-8,
+        x=Pattern((1e-4, -1e-4)),
+        **UNIT_AFFINE,
+    ),
+    Case(
+        "reported-repeated-backward",
+        "reported",
+        "(1, 2, 2, 2) input, loss = sum(y): dbeta = 4 per channel, dgamma = 0, dx = 0",
+        (1, 2, 2, 2),
+        grad_output=Constant(1.0),
+    ),
+)
+
+
+def _one_dtype(dtype: str) -> dict:
+    """Return the Case arguments that pose a case in `dtype` alone."""
+    return {
+        "posed_in": (dtype,),
+        "posed_reason": f"its values are scaled to {dtype}'s range",
+    }
+
+
+# The dtypes whose largest values the families below reach. float64 is not among
+# them: the float64 reference itself overflows on sums of values near float64's
+# largest finite number.
+# NOTE: float64 inputs near 1.8e308 stay untested until the reference scales them.
+RANGE_DTYPES = ("float32", "float16", "bfloat16")
+# The offsets of the offset families: 4e4 as reported in float32, and 2000 in the
+# half-precision dtypes, whose range 4e4 nearly fills.
+OFFSETS = {"float64": 4e4, "float32": 4e4, "float16": 2e3, "bfloat16": 2e3}
+
+
+def _range_cases() -> list[Case]:
+    """Return the families of values near each dtype's largest finite number."""
+    families = []
+    for dtype in RANGE_DTYPES:
+        top = dtypes.MAX_FINITE[dtype]
+        families.append(
+            Case(
+                f"range-max-{dtype}",
+                "range",
+                f"|x| from a quarter to 0.9 of {dtype}'s largest finite value, random "
+                f"signs: sums and squares overflow {dtype}",
+                (2, 3, 4, 4),
+                x=SignedUniform(top / 4, 0.9 * top),
+                **_one_dtype(dtype),
+            )
+        )
+        families.append(
+            Case(
+                f"squares-overflow-{dtype}",
+                "range",
+                f"normal x with standard deviation 2 * sqrt({dtype}'s largest finite "
+                f"value): a sum of squares overflows {dtype}",
+                (2, 3, 16),
+                x=Normal(0.0, 2.0 * float(np.sqrt(top))),
+                **_one_dtype(dtype),
+            )
+        )
+    return families
+
+
+def _offset_cases() -> list[Case]:
+    """Return the cancellation families: offset / spread ratios 1e2 to 1e7."""
+    families = []
+    for dtype in dtypes.DTYPES:
+        offset = OFFSETS[dtype]
+        for exponent in range(2, 8):
+            families.append(
+                Case(
+                    f"offset-1e{exponent}-{dtype}",
+                    "offset",
+                    f"offset {offset:g} with spread {offset / 10**exponent:g}, a ratio "
+                    f"of 1e{exponent}: E[x^2] - E[x]^2 cancels",
+                    (2, 3, 7, 7),
+                    x=Normal(offset, offset / 10**exponent),
+                    **_one_dtype(dtype),
+                )
+            )
+    return families
+
+
+def _constant_cases() -> list[Case]:
+    """Return constant slices of M = 13, a prime, at magnitudes across each
+    dtype's range: a sum of 13 equal values is not always exact, and its mean
+    must still be the value."""
+    families = []
+    for dtype in dtypes.DTYPES:
+        top = dtypes.MAX_FINITE[dtype]
+        magnitudes = {
+            "tiny": 3.0 * dtypes.SMALLEST_NORMAL[dtype],
+            "third": 1.0 / 3.0,
+            "sqrt-max": float(np.sqrt(top)) / 3.0,
+        }
+        if dtype in RANGE_DTYPES:
+            magnitudes["max"] = top / 3.0
+        for label, value in magnitudes.items():
+            families.append(
+                Case(
+                    f"constant-{label}-{dtype}",
+                    "constant",
+                    f"every slice constant at {value:.4g} with M = 13: y = beta, "
+                    "dx = gamma * (dy - mean(dy)) / sqrt(eps)",
+                    (2, 2, 13),
+                    x=Constant(value),
+                    **_one_dtype(dtype),
+                )
+            )
+    return families
+
+
+def _eps_range_cases() -> list[Case]:
+    """Return eps below each dtype's smallest normal number and, for the
+    half-precision dtypes, below their smallest subnormal one, with a zero slice.
+    Such an eps rounds to 0 in float16 or bfloat16 but not in the float32 their
+    kernels compute in. Below float32's smallest subnormal no float32 kernel can
+    hold eps, so float32 and float64 get the subnormal eps only."""
+    families = []
+    for dtype in dtypes.DTYPES:
+        values = {"subnormal": dtypes.SMALLEST_NORMAL[dtype] / 4}
+        if dtype in ("float16", "bfloat16"):
+            values["underflow"] = dtypes.SMALLEST_SUBNORMAL[dtype] / 4
+        for label, eps in values.items():
+            rounded = "a subnormal" if label == "subnormal" else "0"
+            families.append(
+                Case(
+                    f"eps-{label}-{dtype}",
+                    "eps-range",
+                    f"eps = {eps:.3g}, {rounded} in {dtype}; slice (0, 1) all zeros: "
+                    "y = beta there",
+                    (2, 2, 8),
+                    eps=eps,
+                    x=WithConstantSlice(Normal(), 0.0),
+                    **_one_dtype(dtype),
+                )
+            )
+    return families
+
+
+def _layout_cases() -> list[Case]:
+    """Return channels-last ramps of every spatial rank, 100 * channel +
+    position, whose slices a reshape without a transpose mixes."""
+    families = []
+    for rank, spatial in ((1, (5,)), (2, (3, 5)), (3, (2, 3, 4))):
+        length = int(np.prod(spatial))
+        families.append(
+            Case(
+                f"layout-ramp-{rank}d",
+                "layout",
+                "x = 100 * channel + position, handed over channels-last: a kernel "
+                "that reshapes without transposing mixes positions and channels",
+                (2, 4, *spatial),
+                x=Pattern(
+                    tuple(float(i) for i in range(length)), (0.0, 100.0, 200.0, 300.0)
+                ),
+                layout="channels_last",
+                groups=2,
+            )
+        )
+    return families
+
+
+def _eps_variance_cases() -> list[Case]:
+    """Return eps from 1e-12 to 1e-1 beside channel variances of eps / 100, eps and
+    100 * eps, where a clamped or rounded eps shows."""
+    families = []
+    for exponent in (-12, -10, -8, -6, -4, -2, -1):
+        eps = 10.0**exponent
+        scales = tuple(float(np.sqrt(eps * factor)) for factor in (0.01, 1.0, 100.0))
+        families.append(
+            Case(
+                f"eps-vs-variance-1e{exponent}",
+                "eps",
+                f"eps = 1e{exponent} beside channel variances eps / 100, eps and "
+                "100 * eps",
+                (2, 3, 24),
+                eps=eps,
+                x=PerChannelNormal(scales),
+            )
+        )
+    return families
+
+
+CATALOGUE = (
+    CATALOGUE
+    + REPORTED
+    + tuple(_range_cases())
+    + tuple(_offset_cases())
+    + tuple(_constant_cases())
+    + tuple(_eps_range_cases())
+    + tuple(_layout_cases())
+    + tuple(_eps_variance_cases())
 )
 
 

@@ -36,6 +36,14 @@ SMALLEST_SUBNORMAL = {
     "bfloat16": 2.0**-133,
 }
 
+# The smallest positive normal number of each dtype: 2^(1 - bias).
+SMALLEST_NORMAL = {
+    "float64": 2.0**-1022,
+    "float32": 2.0**-126,
+    "float16": 2.0**-14,
+    "bfloat16": 2.0**-126,
+}
+
 # The smallest float64 magnitude that round_to() turns into an infinity, or None
 # where no finite float64 value overflows. For direct rounding to nearest it is the
 # largest finite value plus half its spacing, (2 - u) * 2^emax. round_to() rounds to

@@ -23,6 +23,12 @@ error proportional to the mean of |x| over the slice (about |mu| when the offset
 dominates), and every later step inherits it. A one-pass variance
 E[x^2] - E[x]^2 carries an error proportional to mu^2 instead, which no scale here
 covers, so it fails on inputs with a large mean and a small spread.
+
+A slice whose values are all equal is the exception: its mean is the value itself,
+which a kernel delivers exactly when the mean of equal values stays equal to them,
+so its scales drop the mean(|x|) term and s is 0 there. The output must then be
+beta, and the input gradient gamma * (dy - mean(dy)) / sqrt(eps), to within the
+rounding of those terms alone.
 """
 
 from __future__ import annotations
@@ -194,6 +200,12 @@ def scales(
         warnings.simplefilter("ignore", RuntimeWarning)
         mean_abs = np.mean(np.abs(x), axis=axes, keepdims=True)
         s = (np.abs(x) + mean_abs) * expected.rstd
+        # A slice whose values are all equal has an exact mean in any kernel that
+        # keeps the mean of equal values equal to them, so x - mean and xhat are
+        # exactly 0 there: no error of the mean or of xhat is allowed for it.
+        constant = constant_slices(x, axes)
+        mean_abs = np.where(constant, 0.0, mean_abs)
+        s = np.where(constant, 0.0, s)
         abs_g = abs_gamma * np.abs(dy)
         sum_abs_g = np.sum(abs_g, axis=axes, keepdims=True)
         abs_xhat = np.abs(expected.xhat)
@@ -214,6 +226,18 @@ def scales(
                 result[f"{quantity}_sum"], result[f"{quantity}_squares"]
             )
     return result
+
+
+def constant_slices(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Return True per slice (keepdims over `axes`) whose elements are all equal
+    and finite; an empty slice is not constant."""
+    if x.size == 0:
+        shape = tuple(1 if axis in axes else size for axis, size in enumerate(x.shape))
+        return np.zeros(shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        lowest = np.min(x, axis=axes, keepdims=True)
+        highest = np.max(x, axis=axes, keepdims=True)
+        return (lowest == highest) & np.isfinite(lowest)
 
 
 def parameter_scale_parts(

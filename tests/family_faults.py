@@ -35,7 +35,7 @@ from suites.verdicts import (
     unsupported_reason,
     unsupported_records,
 )
-from tests.faults import NumpyKernel
+from tests.faults import NumpyKernel, careful_statistics
 
 F32 = np.float32
 
@@ -76,9 +76,15 @@ class FamilyKernel(NumpyKernel):
             return shape, axes, axes
         return shape, (0, *range(2, ndim)), (1,)
 
+    def mean(self, x, axes) -> np.ndarray:
+        return np.mean(x, axis=axes, keepdims=True, dtype=F32)
+
     def variance(self, x, mean, axes) -> np.ndarray:
         centered = x - mean
         return np.mean(centered * centered, axis=axes, keepdims=True, dtype=F32)
+
+    def rstd(self, var, eps) -> np.ndarray:
+        return F32(1.0) / np.sqrt(var + F32(eps))
 
     def gamma_view(self, gamma: np.ndarray, view, spans, request) -> np.ndarray:
         shape = [1] * len(view)
@@ -116,10 +122,8 @@ class FamilyKernel(NumpyKernel):
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.mean(x, axis=axes, keepdims=True, dtype=F32)
-            var = self.variance(x, mean, axes)
-            rstd = F32(1.0) / np.sqrt(var + F32(request.eps))
-            xhat = (x - mean) * rstd
+            statistics = careful_statistics(self, x, axes, request.eps)
+            xhat, rstd = statistics.xhat, statistics.rstd
             output = gamma_b * xhat + beta_b
             result = Result(output=self._restore(output, shape, channels_last))
             if not request.gradients:
@@ -128,7 +132,9 @@ class FamilyKernel(NumpyKernel):
             g = gamma_b * dy
             sum_g = np.sum(g, axis=axes, keepdims=True, dtype=F32)
             sum_g_xhat = np.sum(g * xhat, axis=axes, keepdims=True, dtype=F32)
-            grad_input = rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_g_xhat)
+            grad_input = statistics.unscale(
+                rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_g_xhat)
+            )
             result.grad_input = self._restore(grad_input, shape, channels_last)
             if request.affine:
                 shared = tuple(axis for axis in range(len(view)) if axis not in spans)

@@ -43,6 +43,74 @@ F32 = np.float32
 F16 = np.float16
 
 
+# Slices whose largest finite |x| is above 2^SCALE_LIMIT are scaled down by a power
+# of two before their statistics, so that their sums and squares stay finite in
+# float32 (whose largest value is near 2^128). A power of two scales exactly.
+SCALE_LIMIT = 60
+
+
+def scale_exponents(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Return k per slice (dimensions kept) such that x * 2^-k stays below
+    2^(SCALE_LIMIT + 1) in magnitude; 0 where x already does."""
+    if x.size == 0:
+        return np.zeros([1 if a in axes else n for a, n in enumerate(x.shape)], int)
+    magnitudes = np.where(np.isfinite(x), np.abs(x), 0.0)
+    largest = np.max(magnitudes, axis=axes, keepdims=True)
+    _, exponent = np.frexp(largest)
+    return np.where(largest > 2.0**SCALE_LIMIT, exponent - SCALE_LIMIT, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CarefulStatistics:
+    """A careful float32 kernel's statistics of x. xhat is exact to rounding.
+    x was scaled by 2^-k per slice, and `rstd` is that of the scaled x, so the
+    input gradient computed with it must be scaled by 2^-k at the end. `mean`
+    and `var` are in x's own units (`var` is infinite beyond float32)."""
+
+    xhat: np.ndarray
+    rstd: np.ndarray
+    k: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    def unscale(self, gradient: np.ndarray) -> np.ndarray:
+        """Return an input gradient computed with `rstd` in x's own units."""
+        if not np.any(self.k):
+            return gradient
+        return np.ldexp(gradient, -self.k).astype(gradient.dtype)
+
+
+def careful_statistics(kernel, x, axes, eps) -> CarefulStatistics:
+    """Return x's statistics over `axes` as a careful float32 kernel computes
+    them, with the kernel's own mean(), variance() and rstd() steps:
+
+    - a slice beyond 2^SCALE_LIMIT is scaled down by 2^k first, and eps by
+      4^k; where that scaled eps underflows on a constant slice, rstd is
+      2^k / sqrt(eps) instead;
+    - the mean gets one correction pass, mean + mean(x - mean) (the corrected
+      two-pass algorithm), so that a slice of equal values has exactly that
+      value as its mean and x - mean = 0, as its exact answer needs. An
+      infinite mean stays infinite.
+    """
+    k = scale_exponents(x, axes)
+    scaled = bool(np.any(k))
+    xs = np.ldexp(x, -k).astype(x.dtype) if scaled else x
+    mean = kernel.mean(xs, axes)
+    mean = np.where(np.isfinite(mean), mean + kernel.mean(xs - mean, axes), mean)
+    var = kernel.variance(xs, mean, axes)
+    if not scaled:
+        rstd = kernel.rstd(var, eps)
+        return CarefulStatistics((xs - mean) * rstd, rstd, k, mean, var)
+    eps_scaled = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)
+    rstd = kernel.rstd(var, eps_scaled)
+    constant = np.ldexp(np.float64(kernel.rstd(np.zeros_like(var), eps)), k)
+    rstd = np.where((k > 0) & (var == 0), constant.astype(x.dtype), rstd)
+    xhat = (xs - mean) * rstd
+    mean = np.ldexp(mean, k).astype(x.dtype)
+    var = np.ldexp(var, 2 * k).astype(x.dtype)
+    return CarefulStatistics(xhat, rstd, k, mean, var)
+
+
 class NumpyKernel(Adapter):
     """The declarations the NumPy kernels of the suite's tests share: NumPy's
     version, one CPU device, and the one dtype they accept."""
@@ -123,11 +191,9 @@ class Float32Kernel(NumpyKernel):
         statistics_axes = self.statistics_axes(axes, channel_axis)
         m = int(np.prod([x.shape[axis] for axis in statistics_axes]))
 
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = self.mean(x, statistics_axes)
-            var = self.variance(x, mean, statistics_axes)
-            rstd = self.rstd(var, request.eps)
-            xhat = (x - mean) * rstd
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            statistics = careful_statistics(self, x, statistics_axes, request.eps)
+            xhat, rstd = statistics.xhat, statistics.rstd
             output = gamma_b * xhat + beta_b
 
             result = Result(output=output, dtype="float32")
@@ -135,8 +201,8 @@ class Float32Kernel(NumpyKernel):
                 return result
 
             dy = np.asarray(request.grad_output, dtype=F32)
-            result.grad_input = self.grad_input(
-                dy, gamma_b, xhat, rstd, m, statistics_axes
+            result.grad_input = statistics.unscale(
+                self.grad_input(dy, gamma_b, xhat, rstd, m, statistics_axes)
             )
             if request.affine:
                 shared = (0, *axes)

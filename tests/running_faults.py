@@ -29,7 +29,7 @@ from adapters.contract import (
 from references.running_stats import CONVENTIONS
 from suites import cases, running_statistics
 from suites.verdicts import Item, Record
-from tests.faults import NumpyKernel
+from tests.faults import NumpyKernel, careful_statistics
 
 F32 = np.float32
 
@@ -61,6 +61,12 @@ class RunningKernel(NumpyKernel):
         ]
 
     # The steps below are what the faulty kernels override.
+
+    def mean(self, x: np.ndarray, axes) -> np.ndarray:
+        return np.mean(x, axis=axes, keepdims=True, dtype=F32)
+
+    def rstd(self, var: np.ndarray, eps) -> np.ndarray:
+        return F32(1.0) / np.sqrt(var + F32(eps))
 
     def variance(self, x: np.ndarray, mean: np.ndarray, axes) -> np.ndarray:
         centered = x - mean
@@ -124,13 +130,17 @@ class RunningKernel(NumpyKernel):
         ):
             warnings.simplefilter("ignore", RuntimeWarning)
             inference = request.mode == "inference"
+            statistics = None
             if inference:
                 mean, var = self.inference_statistics(request, x, slice_axes)
+                rstd = self.rstd(var, request.eps)
+                # Folded into x * rstd - mean * rstd, as inference kernels do:
+                # x - mean could overflow where the two are far apart.
+                xhat = x * rstd - mean * rstd
             else:
-                mean = np.mean(x, axis=slice_axes, keepdims=True, dtype=F32)
-                var = self.variance(x, mean, slice_axes)
-            rstd = F32(1.0) / np.sqrt(var + F32(request.eps))
-            xhat = (x - mean) * rstd
+                statistics = careful_statistics(self, x, slice_axes, request.eps)
+                xhat, rstd = statistics.xhat, statistics.rstd
+                mean, var = statistics.mean, statistics.var
             output = gamma * xhat + beta
             result = Result(
                 output=self._restore(output, channels_last), dtype="float32"
@@ -148,7 +158,9 @@ class RunningKernel(NumpyKernel):
                 g = gamma * dy
                 sum_g = np.sum(g, axis=slice_axes, keepdims=True, dtype=F32)
                 sum_gx = np.sum(g * xhat, axis=slice_axes, keepdims=True, dtype=F32)
-                grad_input = rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_gx)
+                grad_input = statistics.unscale(
+                    rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_gx)
+                )
             result.grad_input = self._restore(grad_input, channels_last)
             if request.affine:
                 result.grad_gamma = np.sum(dy * xhat, axis=shared, dtype=F32)
@@ -225,8 +237,8 @@ class InferenceWithBatchStatistics(RunningKernel):
     running ones (a layer left in training mode)."""
 
     def inference_statistics(self, request, x, axes):
-        mean = np.mean(x, axis=axes, keepdims=True, dtype=F32)
-        return mean, self.variance(x, mean, axes)
+        statistics = careful_statistics(self, x, axes, request.eps)
+        return statistics.mean, statistics.var
 
 
 class InferenceGradientThroughStatistics(RunningKernel):

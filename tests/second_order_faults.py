@@ -31,7 +31,7 @@ from adapters.contract import (
 from suites import second_order
 from suites.verdicts import Record
 from tests.family_faults import operator_item
-from tests.faults import NumpyKernel, _serial_sum
+from tests.faults import NumpyKernel, _serial_sum, careful_statistics
 
 
 class SecondOrderKernel(NumpyKernel):
@@ -61,9 +61,22 @@ class SecondOrderKernel(NumpyKernel):
         """Sum over `axes` in the working precision, keeping dimensions."""
         return np.sum(values, axis=axes, keepdims=True, dtype=self.working)
 
+    def mean(self, values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        count = int(np.prod([values.shape[axis] for axis in axes]))
+        return self.sum(values, axes) / self.working(max(count, 1))
+
+    def variance(self, values, mean, axes) -> np.ndarray:
+        centered = values - mean
+        return self.mean(centered * centered, axes)
+
+    def rstd(self, var, eps) -> np.ndarray:
+        return self.working(1.0) / np.sqrt(var + self.working(eps))
+
     def grad2_input(self, r, xhat, k, e, v_part, d, g_part, m) -> np.ndarray:
-        """Return -(r^2 / M) * (xhat * K + (E * v_part + D * g_part) / M)."""
-        return -(r * r / m) * (xhat * k + (e * v_part + d * g_part) / m)
+        """Return -(r^2 / M) * (xhat * K + (E * v_part + D * g_part) / M), which
+        is 0 where the bracket is: on a constant slice, where r^2 may overflow."""
+        bracket = xhat * k + (e * v_part + d * g_part) / m
+        return np.where(bracket == 0, bracket, -(r * r / m) * bracket)
 
     def direction_part(self, v, b, xhat, d, m) -> np.ndarray:
         """Return M * v - B - xhat * D, the bracket of w for grad2_gamma."""
@@ -115,12 +128,16 @@ class SecondOrderKernel(NumpyKernel):
             return np.moveaxis(array, 1, -1) if channels_last else array
 
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            mean = self.sum(x, axes) / m
-            centered = x - mean
-            r = f(1.0) / np.sqrt(
-                self.sum(centered * centered, axes) / m + f(request.eps)
-            )
-            xhat = centered * r
+            # r is the rstd of x scaled by 2^-k per slice (k = 0 but for values
+            # beyond 2^60), so each result with r^n is scaled by 2^(-n k).
+            statistics = careful_statistics(self, x, axes, request.eps)
+            r, xhat = statistics.rstd, statistics.xhat
+
+            def unscale(values: np.ndarray, power: int = 1) -> np.ndarray:
+                if not np.any(statistics.k):
+                    return values
+                return np.ldexp(values, -power * statistics.k).astype(f)
+
             result = Result(output=restore(gamma * xhat + beta), dtype=self.dtype)
             if not request.gradients:
                 return result
@@ -129,7 +146,7 @@ class SecondOrderKernel(NumpyKernel):
             g = gamma * dy
             c, e = self.sum(g, axes), self.sum(g * xhat, axes)
             g_part = m * g - c - xhat * e
-            result.grad_input = restore(r / m * g_part)
+            result.grad_input = restore(unscale(r / m * g_part))
             if request.affine:
                 grad_gamma = np.sum(dy * xhat, axis=shared, dtype=f)
                 result.grad_gamma = grad_gamma.reshape(parameters)
@@ -143,11 +160,11 @@ class SecondOrderKernel(NumpyKernel):
             v_part = m * v - b - xhat * d
             k = a - b * c / m - d * e / m
             grad2_x = self.grad2_input(r, xhat, k, e, v_part, d, g_part, m)
-            result.grad2_input = restore(grad2_x)
-            w = r / m * v_part
+            result.grad2_input = restore(unscale(grad2_x, 2))
+            w = unscale(r / m * v_part)
             result.grad2_grad_output = restore(self.grad2_grad_output(gamma, w))
             if request.affine:
-                w_gamma = r / m * self.direction_part(v, b, xhat, d, m)
+                w_gamma = unscale(r / m * self.direction_part(v, b, xhat, d, m))
                 grad2_gamma = np.sum(w_gamma * dy, axis=shared, dtype=f)
                 result.grad2_gamma = grad2_gamma.reshape(parameters)
         return result

@@ -81,13 +81,14 @@ EXPOSED = [
     (faults.ChannelsLastReadAsChannelsFirst, "channels-last-large-mean-2d", "output"),
     # The float16 faults are judged in float16. The sum of squares stalls near 32768
     # on the long slice. The sum of values overflows on slices near 1e4, and on
-    # tiny-variance, whose x is 1000 throughout once rounded to float16, it rounds
-    # 64000 to 63616, so the mean is 994.
+    # offset-1e2-float16, whose 49 values near 2000 sum beyond 65504. (On
+    # tiny-variance, 1000 throughout in float16, the mean's correction pass
+    # repairs the sum's rounding.)
     (faults.Float16SumOfSquares, "long-reduction", "output"),
     (faults.Float16SumOfSquares, "long-reduction", "grad_input"),
     (faults.Float16SumOfValues, "large-mean-1e4", "output"),
     (faults.Float16SumOfValues, "channels-last-large-mean-2d", "output"),
-    (faults.Float16SumOfValues, "tiny-variance", "grad_input"),
+    (faults.Float16SumOfValues, "offset-1e2-float16", "output"),
 ]
 
 
