@@ -59,7 +59,7 @@ def double_backward(
     def per_slice(values: np.ndarray) -> np.ndarray:
         return np.sum(values, axis=axes, keepdims=True)
 
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         r = stats.rstd
         xhat = (x - stats.mean) * r
         g = gamma_b * dy

@@ -41,10 +41,18 @@ class Tensor:
 
 @dataclass(frozen=True)
 class SavedStatistics:
-    """Per-slice mean and 1/sqrt(var + eps) in float32, kept for the backward pass."""
+    """Per-slice statistics in float32, kept for the backward pass. A slice whose
+    largest magnitude exceeds 2^LARGE_EXPONENT is normalized as x * 2^-shift, so
+    that its sums and squares stay finite; `mean` and `rstd` belong to that
+    scaled slice, and `shift` is 0 for every other slice."""
 
     mean: np.ndarray
     rstd: np.ndarray
+    shift: np.ndarray
+
+
+# Slices beyond 2^LARGE_EXPONENT are scaled down by a power of two, which is exact.
+LARGE_EXPONENT = 60
 
 
 def accelerator_count() -> int:
@@ -154,16 +162,45 @@ def instance_norm_forward(
     view, axis = _slices(_widen(x), channels_last)
     shape = _channel_shape(view, axis)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        view, shift = _scale_large_slices(view, axis)
         mean = view.mean(axis=axis, keepdims=True)
+        # One correction pass: the mean of equal values is then that value, so a
+        # constant slice gives x - mean = 0 and the output beta exactly.
+        correction = (view - mean).mean(axis=axis, keepdims=True)
+        mean = np.where(np.isfinite(mean), mean + correction, mean)
         centered = view - mean
         # Two passes: the variance of the centered values, which loses nothing to
         # cancellation when the mean is large compared with the spread.
         variance = np.square(centered).mean(axis=axis, keepdims=True)
-        rstd = np.float32(1) / np.sqrt(variance + np.float32(epsilon))
+        rstd = np.float32(1) / np.sqrt(variance + _scaled_epsilon(epsilon, shift))
+        # A scaled constant slice whose scaled epsilon underflowed: its rstd is
+        # 2^shift / sqrt(epsilon).
+        lost = (shift > 0) & (variance == 0)
+        exact = np.ldexp(np.float32(1) / np.sqrt(np.float32(epsilon)), shift)
+        rstd = np.where(lost, exact.astype(np.float32), rstd)
         scaled = centered * rstd * _per_channel(gamma, 1.0, shape)
         output = scaled + _per_channel(beta, 0.0, shape)
     result = _narrow(output.reshape(x.shape), x.format, x.device)
-    return result, SavedStatistics(mean, rstd)
+    return result, SavedStatistics(mean, rstd, shift)
+
+
+def _scale_large_slices(view: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the slices with those beyond 2^LARGE_EXPONENT scaled down by a power
+    of two, and each slice's exponent of that scale (0 where it is not scaled)."""
+    magnitudes = np.where(np.isfinite(view), np.abs(view), np.float32(0))
+    largest = magnitudes.max(axis=axis, keepdims=True)
+    _, exponent = np.frexp(largest)
+    shift = np.where(largest > 2.0**LARGE_EXPONENT, exponent - LARGE_EXPONENT, 0)
+    if not shift.any():
+        return view, shift
+    return np.ldexp(view, -shift).astype(np.float32), shift
+
+
+def _scaled_epsilon(epsilon: np.float32, shift: np.ndarray) -> np.ndarray:
+    """Return epsilon in the units of each scaled slice's squares: eps * 4^-shift."""
+    if not shift.any():
+        return np.float32(epsilon)
+    return np.ldexp(np.float64(epsilon), -2 * shift).astype(np.float32)
 
 
 def instance_norm_inference(
@@ -193,6 +230,8 @@ def instance_norm_backward(
     shape = _channel_shape(view, axis)
     parameter_axes = (0, axis)
     with np.errstate(invalid="ignore", over="ignore"):
+        if saved.shift.any():
+            view = np.ldexp(view, -saved.shift).astype(np.float32)
         normalized = (view - saved.mean) * saved.rstd
         weighted = dy * _per_channel(gamma, 1.0, shape)
         # d/dx of the normalized slice, written with two per-slice means:
@@ -200,6 +239,9 @@ def instance_norm_backward(
         mean_weighted = weighted.mean(axis=axis, keepdims=True)
         mean_projection = (weighted * normalized).mean(axis=axis, keepdims=True)
         grad_x = saved.rstd * (weighted - mean_weighted - normalized * mean_projection)
+        if saved.shift.any():
+            # rstd is the scaled slice's: dx in x's units is 2^-shift times it.
+            grad_x = np.ldexp(grad_x, -saved.shift).astype(np.float32)
         grad_gamma = (dy * normalized).sum(axis=parameter_axes)
         grad_beta = dy.sum(axis=parameter_axes)
     return (
