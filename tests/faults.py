@@ -80,6 +80,10 @@ class CarefulStatistics:
         return np.ldexp(gradient, -self.k).astype(gradient.dtype)
 
 
+def _normalize(x: np.ndarray, mean: np.ndarray, rstd: np.ndarray) -> np.ndarray:
+    return (x - mean) * rstd
+
+
 def careful_statistics(kernel, x, axes, eps) -> CarefulStatistics:
     """Return x's statistics over `axes` as a careful float32 kernel computes
     them, with the kernel's own mean(), variance() and rstd() steps:
@@ -93,19 +97,24 @@ def careful_statistics(kernel, x, axes, eps) -> CarefulStatistics:
       infinite mean stays infinite.
     """
     k = scale_exponents(x, axes)
+    if not getattr(kernel, "scales_large_slices", True):
+        k = np.zeros_like(k)
     scaled = bool(np.any(k))
     xs = np.ldexp(x, -k).astype(x.dtype) if scaled else x
     mean = kernel.mean(xs, axes)
-    mean = np.where(np.isfinite(mean), mean + kernel.mean(xs - mean, axes), mean)
+    if getattr(kernel, "corrects_mean", True):
+        correction = kernel.mean(xs - mean, axes)
+        mean = np.where(np.isfinite(mean), mean + correction, mean)
     var = kernel.variance(xs, mean, axes)
+    normalize = getattr(kernel, "normalize", None) or _normalize
     if not scaled:
         rstd = kernel.rstd(var, eps)
-        return CarefulStatistics((xs - mean) * rstd, rstd, k, mean, var)
+        return CarefulStatistics(normalize(xs, mean, rstd), rstd, k, mean, var)
     eps_scaled = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)
     rstd = kernel.rstd(var, eps_scaled)
     constant = np.ldexp(np.float64(kernel.rstd(np.zeros_like(var), eps)), k)
     rstd = np.where((k > 0) & (var == 0), constant.astype(x.dtype), rstd)
-    xhat = (xs - mean) * rstd
+    xhat = normalize(xs, mean, rstd)
     mean = np.ldexp(mean, k).astype(x.dtype)
     var = np.ldexp(var, 2 * k).astype(x.dtype)
     return CarefulStatistics(xhat, rstd, k, mean, var)
@@ -505,6 +514,54 @@ class Float16SumOfValues(Float16Kernel):
         return _serial_sum(x.astype(F16), axes, F16).astype(F32) / F32(max(m, 1))
 
 
+class UncorrectedMean(Float32Kernel):
+    """The mean is sum / M without the correction pass, as in a plain two-pass
+    kernel: the mean of equal values can be off by an ulp, and a constant slice
+    then gives y != beta (by about gamma * ulp(x) / sqrt(ulp(x)^2 + eps))."""
+
+    framework = "fault-uncorrected-mean"
+    corrects_mean = False
+
+
+class UnscaledSums(Float32Kernel):
+    """Sums and squares of slices near float32's largest value are taken as they
+    are, so they overflow and the output is NaN or wrong."""
+
+    framework = "fault-unscaled-sums"
+    scales_large_slices = False
+
+
+class FusedShift(Float32Kernel):
+    """xhat = x * rstd + (-mean * rstd), with x * rstd exact and mean * rstd
+    rounded, as a compiler that fuses the two into one multiply-add computes: on a
+    constant slice the rounding of mean * rstd is left over."""
+
+    framework = "fault-fused-shift"
+
+    def normalize(self, x, mean, rstd):
+        product = x.astype(np.float64) * rstd.astype(np.float64)
+        return (product - (mean * rstd).astype(np.float64)).astype(F32)
+
+
+class ClampedEps(Float32Kernel):
+    """Raises eps to at least 1e-5, as a framework that clamps a small eps does."""
+
+    framework = "fault-clamped-eps"
+
+    def rstd(self, var, eps):
+        return super().rstd(var, np.maximum(eps, 1e-5))
+
+
+class EpsInFloat16(Float16Kernel):
+    """Keeps eps in float16, where 1e-12 rounds to 0, though it computes in
+    float32: a slice of zeros then gives 0 * inf = NaN."""
+
+    framework = "fault-eps-in-float16"
+
+    def rstd(self, var, eps):
+        return super().rstd(var, np.float16(eps).astype(F32))
+
+
 FAULTS = (
     OnePassVariance,
     EpsOutsideSqrt,
@@ -522,6 +579,11 @@ FAULTS = (
     ChannelsLastReadAsChannelsFirst,
     Float16SumOfSquares,
     Float16SumOfValues,
+    UncorrectedMean,
+    UnscaledSums,
+    FusedShift,
+    ClampedEps,
+    EpsInFloat16,
 )
 
 

@@ -89,7 +89,47 @@ EXPOSED = [
     (faults.Float16SumOfValues, "large-mean-1e4", "output"),
     (faults.Float16SumOfValues, "channels-last-large-mean-2d", "output"),
     (faults.Float16SumOfValues, "offset-1e2-float16", "output"),
+    # The faults of the reported cases, each killed by its reported input and by
+    # a case of its kind.
+    (faults.UncorrectedMean, "constant-third-float32", "output"),
+    (faults.UnscaledSums, "reported-range-overflow", "output"),
+    (faults.UnscaledSums, "range-max-float32", "grad_input"),
+    (faults.UnscaledSums, "squares-overflow-float32", "output"),
+    (faults.FusedShift, "reported-constant-1e10", "output"),
+    (faults.FusedShift, "reported-constant-3.3e7", "output"),
+    (faults.ClampedEps, "reported-eps1e-8-variance1e-8", "output"),
+    (faults.ClampedEps, "eps-vs-variance-1e-8", "output"),
+    (faults.EpsInFloat16, "reported-zeros-eps1e-12", "output"),
+    (faults.EpsInFloat16, "eps-underflow-float16", "output"),
+    (faults.OnePassVariance, "reported-offset-40000", "output"),
+    (faults.OnePassVariance, "offset-1e3-float32", "output"),
+    (faults.ChannelsLastReadAsChannelsFirst, "reported-nhwc-ramp", "output"),
+    (faults.ChannelsLastReadAsChannelsFirst, "layout-ramp-2d", "grad_input"),
+    (faults.Float16SumOfSquares, "reported-alternating-512", "output"),
 ]
+
+
+# (fault, case): the reported faults pass where their defect changes nothing.
+SPARED = [
+    # 9 * 3.3e7 and every partial sum are exact in float32, so sum / M is too.
+    (faults.UncorrectedMean, "reported-constant-3.3e7"),
+    (faults.UncorrectedMean, "random-2d"),
+    (faults.UnscaledSums, "random-2d"),
+    (faults.FusedShift, "random-2d"),
+    # eps = 1e-3 is above the clamp.
+    (faults.ClampedEps, "eps1e-3"),
+    (faults.EpsInFloat16, "random-2d"),
+]
+
+
+@pytest.mark.parametrize(
+    "fault, case", SPARED, ids=[f"{fault.__name__}-{case}" for fault, case in SPARED]
+)
+def test_fault_spared_where_harmless(fault, case):
+    for seed in SEEDS:
+        records = run(fault(), case, seed)
+        for record in records.values():
+            assert record.verdict == "pass", f"seed {seed}: {record.message}"
 
 
 @pytest.mark.parametrize(
