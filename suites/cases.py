@@ -761,7 +761,8 @@ def _range_cases() -> list[Case]:
                 f"range-max-{dtype}",
                 "range",
                 f"|x| from a quarter to 0.9 of {dtype}'s largest finite value, random "
-                f"signs: sums and squares overflow {dtype}",
+                f"signs: sums, squares and the variance itself lie beyond {dtype}, "
+                "the normalized output does not",
                 (2, 3, 4, 4),
                 x=SignedUniform(top / 4, 0.9 * top),
                 **_one_dtype(dtype),
@@ -772,7 +773,8 @@ def _range_cases() -> list[Case]:
                 f"squares-overflow-{dtype}",
                 "range",
                 f"normal x with standard deviation 2 * sqrt({dtype}'s largest finite "
-                f"value): a sum of squares overflows {dtype}",
+                f"value): squares and the variance, about 4 times that value, "
+                f"overflow {dtype}",
                 (2, 3, 16),
                 x=Normal(0.0, 2.0 * float(np.sqrt(top))),
                 **_one_dtype(dtype),
