@@ -111,6 +111,13 @@ INFERENCE_QUANTITIES = (
     "inference_grad_gamma",
     "inference_grad_beta",
 )
+# The running values after a step, (1 - w) * old + w * batch, round three times in
+# the dtype they are stored in, and each rounding in the subnormal range may move
+# them by half a subnormal spacing. torch 2.13.0 keeps float16 running values in
+# float16, and on eps-vs-variance-1e-8 (seed 0) returned a running_var 0.68 of a
+# spacing (2^-24) from the exact 1.1517e-6, which one half spacing did not cover.
+# The other quantities get one half spacing.
+SUBNORMAL_ROUNDINGS = {"running_mean": 3, "running_var": 3}
 # Elementwise in inference: no reduction stands behind them (length 1).
 # NOTE: their 6.5 u budget was reached to 0.70 on the CPU (docs/error-model.md);
 # GPU kernels with an approximate reciprocal square root are not measured.
@@ -545,6 +552,7 @@ def normalized_errors(
     scale: np.ndarray,
     dtype: str,
     stored: str | None = None,
+    subnormal_roundings: int = 1,
 ) -> np.ndarray:
     """Return |got - expected| / (scale * u) per element, in units of `dtype`.
 
@@ -560,7 +568,9 @@ def normalized_errors(
     got = normalization.as_float64(got)
     expected = normalization.as_float64(expected)
     unit = dtypes.COMPUTE_UNIT_ROUNDOFF[dtype]
-    allowance = dtypes.SMALLEST_SUBNORMAL[stored or dtype] / 2
+    # A result that several roundings in the stored dtype produce may be off by
+    # half a subnormal spacing for each of them (subnormal_roundings).
+    allowance = dtypes.SMALLEST_SUBNORMAL[stored or dtype] / 2 * subnormal_roundings
 
     # In place, in few passes: this runs four times per item, on up to 2^19
     # elements. Only elements whose error is not finite need the rules below,
@@ -603,7 +613,8 @@ def compare(
     if expected.size == 0:
         return Comparison(0.0, limit, None, None, None, False)
 
-    errors = normalized_errors(got, expected, scale, units or dtype, dtype)
+    roundings = SUBNORMAL_ROUNDINGS.get(quantity, 1)
+    errors = normalized_errors(got, expected, scale, units or dtype, dtype, roundings)
     # An exact value beyond the dtype's range rounds to an infinity, which is then
     # the one correct result (sum(dy) over 2^18 elements overflows float16).
     # Rounding the whole array costs more than the rest of the comparison, so it
