@@ -4,9 +4,12 @@ bundles, and a mode that computes differently is judged on its own."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 from adapters.contract import (
     DEFAULT_MODE,
@@ -15,7 +18,7 @@ from adapters.contract import (
     Request,
     validate,
 )
-from suites import cases
+from suites import cases, deviations
 from suites.verdicts import Item, build_request, item_inputs, run_item
 from tests import faults
 from tests.subprocess_runs import run_suite
@@ -197,3 +200,33 @@ def test_modes_leave_other_suites_in_default_mode(tmp_path):
     metamorphic = [r for r in read(report)["results"] if r["case"] == "metamorphic"]
     assert metamorphic
     assert all("@" not in r["implementation"] for r in metamorphic)
+
+
+def test_deviation_covers_modes_of_its_implementation():
+    record = {
+        "framework": "numpy-modes",
+        "implementation": "kernel@serial",
+        "device": "cpu",
+        "dtype": "float32",
+        "case": "random-2d",
+        "quantity": "output",
+    }
+    every_mode = deviations.Deviation(
+        framework="numpy-modes",
+        versions=SpecifierSet(">=0"),
+        reason="a test entry",
+        link="docs/deviations.md",
+        date=datetime.date(2026, 12, 5),
+        implementations=("kernel",),
+        cases=("random-2d",),
+    )
+    one_mode = dataclasses.replace(every_mode, implementations=("kernel@other",))
+    pattern = dataclasses.replace(
+        every_mode, implementations=None, cases=None, items=("numpy-modes-kernel-*",)
+    )
+    assert every_mode.covers(record, "1.0")
+    assert pattern.covers(record, "1.0")
+    assert not one_mode.covers(record, "1.0")
+    assert dataclasses.replace(one_mode, implementations=("kernel@serial",)).covers(
+        record, "1.0"
+    )
