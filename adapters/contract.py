@@ -71,6 +71,11 @@ RUNNING_OPERATORS = ("instance_norm", "batch_norm")
 # with the request's running statistics.
 MODES = ("training", "inference")
 
+# The execution mode every implementation runs in: the adapter's own default
+# path (eager execution, or the default session options). An implementation may
+# declare further modes in `execution_modes`, such as a compiled one.
+DEFAULT_MODE = "default"
+
 # The update rules an implementation may name in `running_stats`; the keys of
 # references.running_stats.CONVENTIONS, which defines each.
 RUNNING_CONVENTIONS = ("torch", "keras", "mxnet", "onnx", "tf-fused")
@@ -98,6 +103,9 @@ class Implementation:
     `running_stats` names the convention by which it updates running statistics
     (one of RUNNING_CONVENTIONS, for an operator in RUNNING_OPERATORS), or is
     empty when it keeps none; `running_stats_reason` then may say why.
+    `execution_modes` names the modes it runs in besides DEFAULT_MODE, such as
+    "compile" for a compiled graph; each catalogue case runs in each of them,
+    and test ids and records name the implementation as `<name>@<mode>`.
     """
 
     name: str
@@ -110,6 +118,7 @@ class Implementation:
     second_order_reason: str = ""
     running_stats: str = ""
     running_stats_reason: str = ""
+    execution_modes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,9 @@ class Request:
     differentiable, and returns the gradients of L in the grad2 fields of the
     Result.
 
+    `execution_mode` is DEFAULT_MODE, or one of the implementation's
+    `execution_modes`: the adapter then runs the implementation that way.
+
     `running_mean` and `running_var` are None except in a running-statistics
     request, sent only to an implementation that names `running_stats`. They are
     then arrays of shape (C,) in the tested dtype, read-only like the others.
@@ -172,6 +184,7 @@ class Request:
     running_mean: np.ndarray | None = None
     running_var: np.ndarray | None = None
     momentum: float | None = None
+    execution_mode: str = DEFAULT_MODE
 
 
 @dataclass
@@ -349,6 +362,7 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                     f"more of {', '.join(LAYOUTS)}"
                 )
             _check_running_stats(origin, implementation)
+            _check_execution_modes(origin, implementation)
             if implementation.second_order and not implementation.gradients:
                 raise ContractError(
                     f"adapter {origin}: implementation {implementation.name!r} "
@@ -356,6 +370,33 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                     "differentiate the input gradient, so set gradients=True or "
                     "second_order=False"
                 )
+
+
+def _check_execution_modes(origin: str, implementation: Implementation) -> None:
+    """Raise ContractError unless the implementation's execution modes are
+    distinct names other than DEFAULT_MODE."""
+    modes = implementation.execution_modes
+    if isinstance(modes, str) or not isinstance(modes, (tuple, list)):
+        raise ContractError(
+            f"adapter {origin}: implementation {implementation.name!r} declares "
+            f"execution_modes {modes!r}; use a tuple of mode names"
+        )
+    for mode in modes:
+        if (
+            not isinstance(mode, str)
+            or not NAME_PATTERN.fullmatch(mode)
+            or mode == DEFAULT_MODE
+        ):
+            raise ContractError(
+                f"adapter {origin}: implementation {implementation.name!r} declares "
+                f"execution mode {mode!r}; use lowercase letters, digits, '.', '_' "
+                f"and '-', and not {DEFAULT_MODE!r}, which every implementation has"
+            )
+    if len(set(modes)) != len(modes):
+        raise ContractError(
+            f"adapter {origin}: implementation {implementation.name!r} declares an "
+            "execution mode twice"
+        )
 
 
 def _check_running_stats(origin: str, implementation: Implementation) -> None:

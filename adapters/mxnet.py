@@ -3,6 +3,10 @@
 BatchNorm also runs training steps that update running statistics, and inference
 with them.
 
+Every implementation also runs in the execution mode "hybridize": the same operators,
+from mx.sym, in a hybridized gluon.HybridBlock, with gradients from autograd through
+the block's CachedOp.
+
 MXNet runs operators asynchronously, so a framework error surfaces when a result is
 read. The adapter reads every result (`asnumpy`) inside the block that maps
 exceptions to `Rejected`.
@@ -11,7 +15,9 @@ exceptions to `Rejected`.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,10 +27,11 @@ with warnings.catch_warnings():
     # DeprecationWarnings on every import. They do not concern the operators.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mxnet\.")
     import mxnet as mx
-    from mxnet import autograd
+    from mxnet import autograd, gluon
 
 from adapters.contract import (
     CONTRACT_VERSION,
+    DEFAULT_MODE,
     MODES,
     Adapter,
     Device,
@@ -77,41 +84,102 @@ def _no_double_backward(operators: str, backward_op: str, *others: str) -> str:
     return reason
 
 
-# A forward computes the request's operator from x, gamma and beta, which run() has
-# converted to NDArrays. gamma and beta are ones and zeros when affine is off. The
-# implementations that keep running statistics also take `running`, the
-# (moving_mean, moving_var) NDArrays of a running-statistics request.
+# The execution mode besides the default, described in HYBRIDIZE_DESCRIPTION.
+# NOTE: it has run on the CPU only. On a GPU, mxnet 1.6 and later fuse pointwise
+# operators of hybridized graphs (MXNET_USE_FUSION), such as group_norm.native's
+# broadcast_mul and broadcast_add, so results there may differ from the default.
+HYBRIDIZE = "hybridize"
+EXECUTION_MODES = (HYBRIDIZE,)
+
+# The options of HybridBlock.hybridize. static_alloc keeps the graph's memory
+# between calls, and static_shape plans it once for the input shapes, which the
+# cache key fixes anyway. Neither changes the time measurably. The adapter ran
+# the catalogue's 880 CPU items other than the 2^26-element case in 3.8 to 4.8 s
+# with both options off, static_alloc alone, or both, and with the cache below
+# off or on. That range is the spread between repeated runs (mxnet 1.9.1 CPU
+# build, 2 shared cores). A new block costs about 0.3 to 0.6 ms more than a
+# cached one.
+HYBRIDIZE_OPTIONS = {"static_alloc": True, "static_shape": True}
+
+# The maximum number of hybridized blocks kept for reuse, least recently used
+# first out, and the largest input x (in elements) whose block is kept. With
+# static_alloc a kept block holds its buffers: measured on a float32 x of 2^22
+# elements (16 MiB), each further cached block raised the resident memory by
+# 115 MiB for batch-norm-reshape and 26 MiB for instance-norm. So the blocks of
+# the catalogue's 2^26-element case are built, run and dropped.
+GRAPH_CACHE_SIZE = 32
+GRAPH_CACHE_MAX_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The fields of a request that an implementation's graph depends on. The
+    forward functions read these, never the request's arrays, so that one
+    hybridized block serves every request with the same GraphSpec."""
+
+    implementation: str
+    device: str
+    dtype: str
+    shape: tuple[int, ...]
+    layout: str
+    eps: float
+    affine: bool
+    groups: int | None
+    normalized_ndim: int | None
+    mode: str
+    # The momentum of a training step with running statistics, else None.
+    momentum: float | None
+
+
+def _graph_spec(request: Request) -> GraphSpec:
+    training_step = request.mode == "training" and request.running_mean is not None
+    return GraphSpec(
+        implementation=request.implementation,
+        device=request.device,
+        dtype=request.dtype,
+        shape=tuple(request.x.shape),
+        layout=request.layout,
+        eps=request.eps,
+        affine=request.affine,
+        groups=request.groups,
+        normalized_ndim=request.normalized_ndim,
+        mode=request.mode,
+        momentum=request.momentum if training_step else None,
+    )
+
+
+# A forward computes the operator of `spec` with the operators of the namespace F:
+# mx.nd in the default mode, mx.sym inside a hybridized block. x, gamma and beta are
+# NDArrays or symbols, gamma and beta ones and zeros when affine is off. The
+# BatchNorm implementations also take moving_mean and moving_var (see
+# _moving_statistics). Shapes come from `spec`, because a symbol has none.
 Forward = Callable[..., mx.nd.NDArray]
 
 
-def _instance_norm(x, gamma, beta, request):
-    return mx.nd.InstanceNorm(x, gamma, beta, eps=request.eps)
+def _instance_norm(F, spec, x, gamma, beta):
+    return F.InstanceNorm(x, gamma, beta, eps=spec.eps)
 
 
-def _group_norm(x, gamma, beta, request):
+def _group_norm(F, spec, x, gamma, beta):
     # In mxnet 1.9.1 GroupNorm's gamma and beta have one element per group, not per
     # channel (a (C,) gamma with num_groups = 1 raises "Shape size mismatch"). With
     # num_groups = C, a group is a channel, so this is InstanceNorm with a
     # per-channel scale and shift.
-    return mx.nd.GroupNorm(x, gamma, beta, num_groups=x.shape[1], eps=request.eps)
+    return F.GroupNorm(x, gamma, beta, num_groups=spec.shape[1], eps=spec.eps)
 
 
-def _batch_norm_reshape(x, gamma, beta, request):
-    batch, channels = x.shape[0], x.shape[1]
-    folded = x.reshape((1, batch * channels, *x.shape[2:]))
-    weight = mx.nd.tile(gamma, reps=(batch,))
-    bias = mx.nd.tile(beta, reps=(batch,))
-    # The moving statistics are inputs that training mode updates but does not read.
-    # They must have gamma's dtype, which is float32 for a float16 x.
-    moving_mean = mx.nd.zeros(weight.shape, ctx=x.context, dtype=weight.dtype)
-    moving_var = mx.nd.ones(weight.shape, ctx=x.context, dtype=weight.dtype)
-    output = mx.nd.BatchNorm(
+def _batch_norm_reshape(F, spec, x, gamma, beta, moving_mean, moving_var):
+    batch, channels = spec.shape[0], spec.shape[1]
+    folded = F.reshape(x, shape=(1, batch * channels, *spec.shape[2:]))
+    weight = F.tile(gamma, reps=(batch,))
+    bias = F.tile(beta, reps=(batch,))
+    output = F.BatchNorm(
         folded,
         weight,
         bias,
         moving_mean,
         moving_var,
-        eps=request.eps,
+        eps=spec.eps,
         # The default fix_gamma=True would replace gamma with 1 and zero its gradient.
         fix_gamma=False,
         # Use batch statistics. This also needs autograd's train mode, because
@@ -119,70 +187,76 @@ def _batch_norm_reshape(x, gamma, beta, request):
         use_global_stats=False,
         axis=1,
     )
-    return output.reshape(x.shape)
+    return F.reshape(output, shape=spec.shape)
 
 
-def _group_norm_native(x, gamma, beta, request):
+def _group_norm_native(F, spec, x, gamma, beta):
     # In mxnet 1.9.1 GroupNorm's gamma and beta have one element per group, so it
     # runs with unit gamma and zero beta. The per-channel gamma and beta follow as
-    # broadcast operators, which autograd records like GroupNorm.
-    groups = request.groups
-    unit = mx.nd.ones((groups,), ctx=x.context, dtype=x.dtype)
-    zero = mx.nd.zeros((groups,), ctx=x.context, dtype=x.dtype)
-    normalized = mx.nd.GroupNorm(x, unit, zero, num_groups=groups, eps=request.eps)
-    if not request.affine:
+    # broadcast operators, which autograd records like GroupNorm. In the default
+    # mode run() sets the current context, on which mx.nd.ones and mx.nd.zeros
+    # create these.
+    groups = spec.groups
+    unit = F.ones(shape=(groups,), dtype=spec.dtype)
+    zero = F.zeros(shape=(groups,), dtype=spec.dtype)
+    normalized = F.GroupNorm(x, unit, zero, num_groups=groups, eps=spec.eps)
+    if not spec.affine:
         return normalized
     # Reshaped to (C, 1, ...), gamma and beta broadcast along the channel axis.
-    per_channel = (x.shape[1],) + (1,) * (x.ndim - 2)
-    scaled = mx.nd.broadcast_mul(normalized, gamma.reshape(per_channel))
-    return mx.nd.broadcast_add(scaled, beta.reshape(per_channel))
+    per_channel = (spec.shape[1],) + (1,) * (len(spec.shape) - 2)
+    scaled = F.broadcast_mul(normalized, F.reshape(gamma, shape=per_channel))
+    return F.broadcast_add(scaled, F.reshape(beta, shape=per_channel))
 
 
-def _layer_norm_native(x, gamma, beta, request):
+def _layer_norm_native(F, spec, x, gamma, beta):
     # LayerNorm normalizes along one axis, so the last normalized_ndim axes become
     # one. The reshapes run inside autograd, which returns the gradients of x, gamma
     # and beta in their own shapes.
-    normalized_ndim = request.normalized_ndim
-    length = int(np.prod(x.shape[x.ndim - normalized_ndim :]))
-    flat = x.reshape((*x.shape[: x.ndim - normalized_ndim], length))
-    output = mx.nd.LayerNorm(
+    kept = len(spec.shape) - spec.normalized_ndim
+    length = int(np.prod(spec.shape[kept:]))
+    flat = F.reshape(x, shape=(*spec.shape[:kept], length))
+    output = F.LayerNorm(
         flat,
-        gamma.reshape((length,)),
-        beta.reshape((length,)),
+        F.reshape(gamma, shape=(length,)),
+        F.reshape(beta, shape=(length,)),
         axis=-1,
-        eps=request.eps,
+        eps=spec.eps,
     )
-    return output.reshape(x.shape)
+    return F.reshape(output, shape=spec.shape)
 
 
-def _batch_norm_native(x, gamma, beta, request, running=None):
-    if running is None:
-        # Training mode does not read the moving statistics, and the adapter
-        # discards their updates. They take gamma's dtype, which is float32 for a
-        # float16 x.
-        moving_mean = mx.nd.zeros(gamma.shape, ctx=x.context, dtype=gamma.dtype)
-        moving_var = mx.nd.ones(gamma.shape, ctx=x.context, dtype=gamma.dtype)
-        running_options = {}
-    else:
-        moving_mean, moving_var = running
-        running_options = {"momentum": request.momentum}
-    return mx.nd.BatchNorm(
+def _batch_norm_native(F, spec, x, gamma, beta, moving_mean, moving_var):
+    running_options = {} if spec.momentum is None else {"momentum": spec.momentum}
+    return F.BatchNorm(
         x,
         gamma,
         beta,
         moving_mean,
         moving_var,
-        eps=request.eps,
+        eps=spec.eps,
         fix_gamma=False,
         # Batch statistics need use_global_stats=False and autograd's train mode,
         # as in _batch_norm_reshape. Inference needs use_global_stats=True, because
         # in mxnet 1.9.1 predict mode with use_global_stats=False normalizes with
         # the moving statistics too, but its backward returns an input gradient
         # other than gamma * rstd * dy and changes moving_var.
-        use_global_stats=request.mode == "inference",
-        axis=-1 if request.layout == "channels_last" else 1,
+        use_global_stats=spec.mode == "inference",
+        axis=-1 if spec.layout == "channels_last" else 1,
         **running_options,
     )
+
+
+class HybridGraph(gluon.HybridBlock):
+    """One implementation's forward for one GraphSpec, as a block that hybridize()
+    turns into a CachedOp. The block has no parameters: every array is an input."""
+
+    def __init__(self, forward: Forward, spec: GraphSpec):
+        super().__init__()
+        self._forward = forward
+        self._spec = spec
+
+    def hybrid_forward(self, F, x, *inputs):
+        return self._forward(F, self._spec, x, *inputs)
 
 
 # The reason the InstanceNorm implementations keep no running statistics. In
@@ -195,9 +269,28 @@ NO_INSTANCE_NORM_RUNNING_STATS = (
     "gluon.nn.InstanceNorm has the parameters gamma and beta only"
 )
 
+# The description of the hybridize mode, appended to every implementation's.
+HYBRIDIZE_DESCRIPTION = (
+    ". In the hybridize mode the same operators, from mxnet.sym, form one "
+    "gluon.HybridBlock, hybridized with static_alloc=True and static_shape=True. "
+    "Autograd records its CachedOp, which runs the forward graph and the backward "
+    "graph that MXNet derives from it"
+)
+
+
+def _hybridizable(name: str, description: str, **fields: object) -> Implementation:
+    """Return an Implementation that runs in the hybridize mode too."""
+    return Implementation(
+        name,
+        description + HYBRIDIZE_DESCRIPTION,
+        execution_modes=EXECUTION_MODES,
+        **fields,
+    )
+
+
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "instance-norm": (
-        Implementation(
+        _hybridizable(
             "instance-norm",
             "mxnet.nd.InstanceNorm",
             second_order_reason=_no_double_backward(
@@ -208,7 +301,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         _instance_norm,
     ),
     "group-norm": (
-        Implementation(
+        _hybridizable(
             "group-norm",
             "mxnet.nd.GroupNorm, num_groups = C",
             second_order_reason=_no_double_backward("GroupNorm", "_backward_GroupNorm"),
@@ -224,7 +317,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         # BatchNorm's axis=-1 does not help with channels-last input: folding N into
         # the channel axis of (N, *spatial, C) needs N next to C, which takes a
         # transpose.
-        Implementation(
+        _hybridizable(
             "batch-norm-reshape",
             "mxnet.nd.BatchNorm, training mode, fix_gamma=False, on the (1, N*C, ...) "
             "reshape with gamma and beta repeated N times",
@@ -240,7 +333,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         _batch_norm_reshape,
     ),
     "group_norm.native": (
-        Implementation(
+        _hybridizable(
             "group_norm.native",
             "mxnet.nd.GroupNorm(x, ones(G), zeros(G), num_groups=G, eps), then "
             "mxnet.nd.broadcast_mul by gamma and broadcast_add of beta per channel "
@@ -256,7 +349,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         _group_norm_native,
     ),
     "layer_norm.native": (
-        Implementation(
+        _hybridizable(
             "layer_norm.native",
             "mxnet.nd.LayerNorm(x, gamma, beta, axis=-1, eps); for normalized_ndim "
             "k > 1, on x reshaped to (*x.shape[:-k], product of the last k sizes) "
@@ -269,7 +362,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         _layer_norm_native,
     ),
     "batch_norm.native": (
-        Implementation(
+        _hybridizable(
             "batch_norm.native",
             "mxnet.nd.BatchNorm(x, gamma, beta, moving_mean, moving_var, eps, "
             "fix_gamma=False, axis=1, or axis=-1 for channels_last); moving_mean "
@@ -376,6 +469,37 @@ def _check_running_request(implementation: Implementation, request: Request) -> 
         raise ValueError("invalid request: a training step needs a momentum")
 
 
+def _moving_statistics(
+    request: Request, parameter_dtype: str, context: mx.Context
+) -> tuple[mx.nd.NDArray, ...]:
+    """Return the moving_mean and moving_var inputs of a BatchNorm implementation,
+    or () for the others.
+
+    They are block inputs, not constants of the graph, because a symbolic BatchNorm
+    updates them in place and mxnet 1.9.1 raises "Mutation target can only be
+    Variable" for any other symbol. Training mode does not read them. Without
+    running statistics they are zeros and ones whose update the adapter discards.
+    They take gamma's dtype, which is float32 for a float16 x.
+    """
+    if request.implementation not in BATCH_NORM_IMPLEMENTATIONS:
+        return ()
+    if request.running_mean is not None:
+        # mx.nd.array copies, and BatchNorm updates the copies.
+        return (
+            mx.nd.array(request.running_mean, ctx=context, dtype=parameter_dtype),
+            mx.nd.array(request.running_var, ctx=context, dtype=parameter_dtype),
+        )
+    if request.implementation == "batch-norm-reshape":
+        # On the (1, N*C, ...) reshape BatchNorm has N*C channels.
+        shape = (request.x.shape[0] * request.x.shape[1],)
+    else:
+        shape = _parameter_shape(request)
+    return (
+        mx.nd.zeros(shape, ctx=context, dtype=parameter_dtype),
+        mx.nd.ones(shape, ctx=context, dtype=parameter_dtype),
+    )
+
+
 def _cuda_enabled() -> bool:
     return mx.runtime.Features().is_enabled("CUDA")
 
@@ -383,6 +507,10 @@ def _cuda_enabled() -> bool:
 class MXNetAdapter(Adapter):
     contract_version = CONTRACT_VERSION
     framework = "mxnet"
+
+    def __init__(self) -> None:
+        # Hybridized blocks by GraphSpec, least recently used first.
+        self._graphs: OrderedDict[GraphSpec, HybridGraph] = OrderedDict()
 
     def version(self) -> str:
         return mx.__version__
@@ -421,10 +549,18 @@ class MXNetAdapter(Adapter):
     def run(self, request: Request) -> Result:
         implementation, forward = IMPLEMENTATIONS[request.implementation]
         _check_running_request(implementation, request)
+        mode = request.execution_mode
+        if mode != DEFAULT_MODE and mode not in implementation.execution_modes:
+            raise ValueError(
+                f"implementation {implementation.name} has no execution mode "
+                f"{mode!r}; it runs in {DEFAULT_MODE!r} and "
+                f"{', '.join(implementation.execution_modes)}"
+            )
         context = _device_context(request.device)
         dtype = request.dtype
         parameter_dtype = _parameter_dtype(request.implementation, dtype)
         parameter_shape = _parameter_shape(request)
+        spec = _graph_spec(request)
         want = request.gradients
         training = request.mode == "training"
         training_step = training and request.running_mean is not None
@@ -452,15 +588,7 @@ class MXNetAdapter(Adapter):
                 gamma = mx.nd.ones(parameter_shape, ctx=context, dtype=parameter_dtype)
                 beta = mx.nd.zeros(parameter_shape, ctx=context, dtype=parameter_dtype)
             affine_gradients = want and request.affine
-            extra = {}
-            if request.running_mean is not None:
-                # BatchNorm takes its moving statistics in gamma's dtype (float32
-                # for float16 x, which represents every float16 value exactly) and
-                # updates these NDArrays in place.
-                extra["running"] = (
-                    ndarray(request.running_mean, parameter_dtype, False),
-                    ndarray(request.running_var, parameter_dtype, False),
-                )
+            moving = _moving_statistics(request, parameter_dtype, context)
 
             if request.implementation == "instance-norm" and request.x.size == 0:
                 # Measured: mxnet 1.9.1's CPU InstanceNorm on an input with zero
@@ -468,14 +596,22 @@ class MXNetAdapter(Adapter):
                 # refusal, so the item gets `error`. With gradients requested this
                 # line is never reached: attach_grad() already raised MXNetError.
                 raise RuntimeError(EMPTY_INSTANCE_NORM)
+            if mode == HYBRIDIZE:
+                compute = self._hybrid_graph(forward, spec)
+            else:
+
+                def compute(*inputs: mx.nd.NDArray) -> mx.nd.NDArray:
+                    with context:
+                        return forward(mx.nd, spec, *inputs)
+
             if record:
                 with autograd.record(train_mode=training):
-                    output = forward(x, gamma, beta, request, **extra)
+                    output = compute(x, gamma, beta, *moving)
                 output.backward(ndarray(request.grad_output, dtype, False))
             else:
                 scope = autograd.train_mode() if training else autograd.predict_mode()
                 with scope:
-                    output = forward(x, gamma, beta, request, **extra)
+                    output = compute(x, gamma, beta, *moving)
             # Reading each array waits for it, so an asynchronous MXNetError is
             # raised here rather than in a later item.
             result = Result(
@@ -487,9 +623,23 @@ class MXNetAdapter(Adapter):
                 eps=_received_eps(request.implementation, request.eps),
             )
             if training_step:
-                moving_mean, moving_var = extra["running"]
+                moving_mean, moving_var = moving
                 result.running_mean = moving_mean.asnumpy()
                 result.running_var = moving_var.asnumpy()
         except mx.base.MXNetError as error:
             raise Rejected(_framework_message(error)) from error
         return result
+
+    def _hybrid_graph(self, forward: Forward, spec: GraphSpec) -> HybridGraph:
+        """Return the hybridized block for `spec`, from the cache or newly built."""
+        block = self._graphs.get(spec)
+        if block is not None:
+            self._graphs.move_to_end(spec)
+            return block
+        block = HybridGraph(forward, spec)
+        block.hybridize(**HYBRIDIZE_OPTIONS)
+        if int(np.prod(spec.shape)) <= GRAPH_CACHE_MAX_ELEMENTS:
+            self._graphs[spec] = block
+            if len(self._graphs) > GRAPH_CACHE_SIZE:
+                self._graphs.popitem(last=False)
+        return block

@@ -40,6 +40,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from adapters.contract import (
     CONTRACT_VERSION,
+    DEFAULT_MODE,
     Adapter,
     Device,
     Implementation,
@@ -521,9 +522,24 @@ def _minimum_ir_version(opset: int) -> int:
 # Sessions
 
 
-def _session_options(provider: str, severity: int) -> onnxruntime.SessionOptions:
+# The execution modes of every implementation: sessions with graph optimizations
+# below onnxruntime's default level, ORT_ENABLE_ALL, which the default mode keeps.
+# Each level's transformations (constant folding, node fusions, layout changes)
+# may compute a model differently.
+OPTIMIZATION_MODES = {
+    "optimize-none": onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "optimize-basic": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "optimize-extended": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+}
+
+
+def _session_options(
+    provider: str, severity: int, mode: str = DEFAULT_MODE
+) -> onnxruntime.SessionOptions:
     options = onnxruntime.SessionOptions()
     options.log_severity_level = severity
+    if mode != DEFAULT_MODE:
+        options.graph_optimization_level = OPTIMIZATION_MODES[mode]
     if provider != CPU_PROVIDER:
         options.add_session_config_entry(ASSIGNMENT_CONFIG_KEY, "1")
     return options
@@ -563,9 +579,13 @@ def _check_placement(session: onnxruntime.InferenceSession, provider: str) -> No
 
 
 def create_session(
-    model: onnx.ModelProto | bytes, provider: str, severity: int = SESSION_LOG_SEVERITY
+    model: onnx.ModelProto | bytes,
+    provider: str,
+    severity: int = SESSION_LOG_SEVERITY,
+    mode: str = DEFAULT_MODE,
 ) -> onnxruntime.InferenceSession:
-    """Create a session on `provider` alone and check that it computes there.
+    """Create a session on `provider` alone, with the graph optimizations of the
+    execution `mode`, and check that it computes there.
 
     Raises onnxruntime's own errors (ORT_ERRORS) when it refuses the model, and
     DeviceFallbackError when the work would run on another provider.
@@ -575,7 +595,7 @@ def create_session(
     # when the requested one fails (releases that predate the keyword ignore it).
     session = onnxruntime.InferenceSession(
         data,
-        _session_options(provider, severity),
+        _session_options(provider, severity, mode),
         providers=[provider],
         enable_fallback=0,
     )
@@ -771,6 +791,7 @@ def build_specs(
             gradients=False,
             gradient_reason=gradient_reason(operator),
             running_stats_reason=INSTANCE_NORM_RUNNING_REASONS[operator],
+            execution_modes=tuple(OPTIMIZATION_MODES),
         )
 
     specs = {}
@@ -854,6 +875,7 @@ def _family_specs(
             gradient_reason=gradient_reason(onnx_operator),
             operator=operator,
             running_stats="onnx" if operator == "batch_norm" else "",
+            execution_modes=tuple(OPTIMIZATION_MODES),
         )
         specs[name] = Spec(onnx_operator, opset, declaration)
     return specs
@@ -973,14 +995,15 @@ class OnnxRuntimeAdapter(Adapter):
         return build_model(spec, signature, ir_version).SerializeToString()
 
     def session(
-        self, spec: Spec, signature: Signature, device: str
+        self, spec: Spec, signature: Signature, device: str, mode: str = DEFAULT_MODE
     ) -> onnxruntime.InferenceSession:
-        """Return the cached session for `signature` on `device`, creating it once."""
-        key = (signature, device)
+        """Return the cached session for `signature` on `device` in the execution
+        `mode`, creating it once."""
+        key = (signature, device, mode)
         session = self._sessions.get(key)
         if session is None:
             model = self.model_bytes(spec, signature)
-            session = create_session(model, self.provider(device))
+            session = create_session(model, self.provider(device), mode=mode)
             self._sessions[key] = session
         return session
 
@@ -1073,7 +1096,9 @@ class OnnxRuntimeAdapter(Adapter):
         names = ["x", "scale", "B"] + (["dy"] if grads else [])
         names += _running_inputs(signature)
         try:
-            session = self.session(spec, signature, request.device)
+            session = self.session(
+                spec, signature, request.device, request.execution_mode
+            )
             outputs = session.run(None, self._feeds(request, names))
         except (*ORT_ERRORS, GradientBuilderError) as error:
             raise Rejected(_provider_error_text(error)) from error

@@ -112,15 +112,26 @@ class Deviation:
     index: int = field(default=0, compare=False)
 
     def covers(self, record: dict, version: str) -> bool:
-        """Return True if the record lies within this entry's selection."""
+        """Return True if the record lies within this entry's selection.
+
+        A record of an execution mode other than the default names its
+        implementation `<name>@<mode>`. An entry that names the implementation,
+        or whose item pattern matches the id without the mode, covers it in every
+        mode; one that names `<name>@<mode>` covers that mode alone."""
 
         def allowed(values: tuple[str, ...] | None, value: str) -> bool:
             return values is None or value in values
 
+        label = record["implementation"]
+        base = label.split("@", 1)[0]
+        ids = {item_id(record), item_id({**record, "implementation": base})}
         return (
             record["framework"] == self.framework
             and version_matches(version, self.versions)
-            and allowed(self.implementations, record["implementation"])
+            and (
+                allowed(self.implementations, label)
+                or allowed(self.implementations, base)
+            )
             and allowed(self.cases, record["case"])
             and allowed(self.devices, record["device"])
             and allowed(self.dtypes, record["dtype"])
@@ -128,8 +139,9 @@ class Deviation:
             and (
                 self.items is None
                 or any(
-                    fnmatch.fnmatchcase(item_id(record), pattern)
+                    fnmatch.fnmatchcase(identifier, pattern)
                     for pattern in self.items
+                    for identifier in ids
                 )
             )
         )

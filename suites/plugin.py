@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from adapters import registry
-from adapters.contract import Device, Implementation
+from adapters.contract import DEFAULT_MODE, Device, Implementation
 from suites import (
     cases,
     deviations,
@@ -178,6 +178,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated catalogue case names to run (default: all)",
     )
     group.addoption(
+        "--execution-modes",
+        default=None,
+        metavar="LIST",
+        help="comma-separated execution modes to run the catalogue in: "
+        f"{DEFAULT_MODE!r} and the modes implementations declare (compile, "
+        "function, ...); default every declared mode",
+    )
+    group.addoption(
         "--seed",
         type=int,
         default=0,
@@ -329,10 +337,11 @@ def _load_adapters(
 
 
 def _validate_selection(config: pytest.Config) -> None:
-    for option in ("dtypes", "cases", "devices"):
+    for option in ("dtypes", "cases", "devices", "execution_modes"):
         value = config.getoption(option)
         if value is not None and not _split(value):
-            raise pytest.UsageError(f"--{option}: the list is empty")
+            flag = option.replace("_", "-")
+            raise pytest.UsageError(f"--{flag}: the list is empty")
     for option in ("framework", "adapter"):
         if any(not _split(value) for value in config.getoption(option)):
             raise pytest.UsageError(f"--{option}: empty value")
@@ -407,6 +416,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"--adapter or entry-point adapter was given ({not_installed})"
             )
         _check_devices(config, adapters)
+        _check_execution_modes(config, adapters)
         adapters = _isolate(config, adapters, sources)
     _check_output_path(config, "report")
     _check_output_path(config, "update_deviations")
@@ -499,6 +509,22 @@ def _device_selected(device: Device, requested: list[str]) -> bool:
     return bool(_device_names(device.name) & set(requested))
 
 
+def _check_execution_modes(config: pytest.Config, adapters: list[object]) -> None:
+    """Raise a usage error for an --execution-modes name that no implementation
+    of the loaded adapters declares."""
+    requested = _split(config.getoption("execution_modes"))
+    declared = {DEFAULT_MODE}
+    for adapter in adapters:
+        for implementation in adapter.implementations():
+            declared.update(implementation.execution_modes)
+    unknown = [mode for mode in requested if mode not in declared]
+    if unknown:
+        raise pytest.UsageError(
+            f"--execution-modes: unknown mode {', '.join(unknown)}; the adapters "
+            f"declare: {', '.join(sorted(declared))}"
+        )
+
+
 def _check_devices(config: pytest.Config, adapters: list[object]) -> None:
     requested = _split(config.getoption("devices"))
     if not requested or not adapters:
@@ -538,17 +564,20 @@ def targets(config: pytest.Config) -> list[Target]:
     # the cached inputs and reference (suites.cases.materialize and
     # suites.verdicts.catalogue_reference) while those are in the cache, and the
     # dtypes of one case follow each other, sharing its float64 draws.
+    selected_modes = _split(config.getoption("execution_modes"))
     combinations = [
-        (adapter, implementation, device)
+        (adapter, implementation, device, mode)
         for adapter in state.adapters
         for implementation in adapter.implementations()
         for device in adapter.devices()
         if _device_selected(device, selected_devices)
+        for mode in (DEFAULT_MODE, *implementation.execution_modes)
+        if not selected_modes or mode in selected_modes
     ]
     expanded = []
     for case in selected_cases:
         for dtype in selected_dtypes:
-            for adapter, implementation, device in combinations:
+            for adapter, implementation, device, mode in combinations:
                 item = Item(
                     adapter.framework,
                     implementation.name,
@@ -557,9 +586,16 @@ def targets(config: pytest.Config) -> list[Target]:
                     case,
                     seed,
                     case.operator(implementation.operator),
+                    mode,
                 )
                 expanded.append(Target(adapter, implementation, device, item))
     return expanded
+
+
+def default_mode_targets(expanded: list[Target]) -> list[Target]:
+    """Return the targets in the default execution mode: the second-order and
+    running-statistics suites run in it alone."""
+    return [t for t in expanded if t.item.execution_mode == DEFAULT_MODE]
 
 
 def command_for_test(
@@ -690,12 +726,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 ids=[target.test_id for target in checked],
             )
     if RUNNING_FIXTURE in metafunc.fixturenames:
-        running = running_statistics.select_targets(targets(metafunc.config))
+        running = running_statistics.select_targets(
+            default_mode_targets(targets(metafunc.config))
+        )
         metafunc.parametrize(
             RUNNING_FIXTURE, running, ids=[target.test_id for target in running]
         )
     if SECOND_ORDER_FIXTURE in metafunc.fixturenames:
-        chosen = select_targets(targets(metafunc.config))
+        chosen = select_targets(default_mode_targets(targets(metafunc.config)))
         metafunc.parametrize(
             SECOND_ORDER_FIXTURE, chosen, ids=[target.test_id for target in chosen]
         )

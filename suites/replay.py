@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters import registry
-from adapters.contract import LAYOUTS, Implementation
+from adapters.contract import DEFAULT_MODE, LAYOUTS, Implementation
 from references.family import INSTANCE_NORM, Operator
 from suites import dtypes, files
 from suites.cases import Case, Inputs
@@ -121,6 +121,7 @@ def write_bundle(
         "builtin": name if kind == "framework" else None,
         "framework_version": adapter.version(),
         "implementation": item.implementation,
+        "execution_mode": item.execution_mode,
         "op": item.operator.name,
         "groups": item.operator.groups,
         "normalized_ndim": item.operator.normalized_ndim,
@@ -367,6 +368,14 @@ def replay(bundle: Bundle, adapter: object) -> list[Record]:
             f"adapter {adapter.framework} has no device {metadata['device']!r}; "
             f"it has {', '.join(devices)}"
         )
+    # Bundles written before execution modes existed ran in the default mode.
+    mode = metadata.get("execution_mode", DEFAULT_MODE)
+    declared = (DEFAULT_MODE, *implementation.execution_modes)
+    if mode not in declared:
+        raise ReplayError(
+            f"implementation {implementation.name!r} has no execution mode "
+            f"{mode!r}; it has {', '.join(declared)}"
+        )
     item = Item(
         adapter.framework,
         implementation.name,
@@ -375,6 +384,7 @@ def replay(bundle: Bundle, adapter: object) -> list[Record]:
         bundle.case,
         metadata["seed"],
         bundle.operator,
+        mode,
     )
     if implementation.operator != bundle.operator.name:
         raise ReplayError(

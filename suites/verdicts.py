@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.contract import Device, Implementation, Rejected, Request, Result
+from adapters.contract import (
+    DEFAULT_MODE,
+    Device,
+    Implementation,
+    Rejected,
+    Request,
+    Result,
+)
 from references import instance_norm as reference
 from references.family import INSTANCE_NORM, Operator
 from suites import dtypes, error_model, isolation
@@ -160,13 +167,22 @@ class Item:
     case: Case
     seed: int
     operator: Operator = INSTANCE_NORM
+    execution_mode: str = DEFAULT_MODE
+
+    @property
+    def label(self) -> str:
+        """The implementation's name in test ids and records: `<name>@<mode>`
+        outside the default execution mode."""
+        if self.execution_mode == DEFAULT_MODE:
+            return self.implementation
+        return f"{self.implementation}@{self.execution_mode}"
 
     @property
     def item_id(self) -> str:
         return "-".join(
             (
                 self.framework,
-                self.implementation,
+                self.label,
                 self.device,
                 self.dtype,
                 self.case.name,
@@ -177,7 +193,7 @@ class Item:
         return Record(
             op=self.operator.name,
             framework=self.framework,
-            implementation=self.implementation,
+            implementation=self.label,
             device=self.device,
             dtype=self.dtype,
             case=self.case.name,
@@ -570,6 +586,7 @@ def build_request(item: Item, inputs: Inputs, gradients: bool) -> Request:
         layout=layout,
         groups=item.operator.groups,
         normalized_ndim=item.operator.normalized_ndim,
+        execution_mode=item.execution_mode,
     )
 
 
@@ -591,19 +608,36 @@ def unsupported_reason(
             f"implementation {implementation.name} accepts {layouts} input only, "
             f"not {item.case.layout}"
         )
-    declared = getattr(adapter, "unsupported_reason", None)
+    reason = _declared_reason(
+        adapter, "unsupported_reason", item.implementation, item.device, item.dtype
+    )
+    if reason is None and item.execution_mode != DEFAULT_MODE:
+        reason = _declared_reason(
+            adapter,
+            "execution_mode_reason",
+            item.implementation,
+            item.execution_mode,
+            item.device,
+            item.dtype,
+        )
+    return reason
+
+
+def _declared_reason(adapter: object, method: str, *arguments: str) -> str | None:
+    """Return what the adapter's optional `method` says about the arguments: a
+    reason, or None (also when the adapter has no such method)."""
+    declared = getattr(adapter, method, None)
     if declared is None:
         return None
     try:
-        reason = declared(item.implementation, item.device, item.dtype)
+        reason = declared(*arguments)
     except Exception as error:  # noqa: BLE001 - the item's verdict is error
         raise AdapterMethodError(
-            f"the adapter's unsupported_reason() raised {type(error).__name__}: {error}"
+            f"the adapter's {method}() raised {type(error).__name__}: {error}"
         ) from error
     if reason is not None and not isinstance(reason, str):
         raise AdapterMethodError(
-            f"the adapter's unsupported_reason() returned {reason!r}, not a string "
-            "or None"
+            f"the adapter's {method}() returned {reason!r}, not a string or None"
         )
     return reason or None
 
