@@ -4,13 +4,16 @@ and second derivatives through two nested tapes. The Keras and fused BatchNorm
 implementations also take running statistics: a training step that updates them,
 or inference that normalizes with them.
 
-Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. Everything
-runs eagerly (no tf.function), pinned to the requested device with tf.device.
+Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. The default
+execution mode runs eagerly. The modes "function" and "xla" run the forward and its
+gradients inside tf.function, without and with XLA (see EXECUTION_MODES). Every
+mode is pinned to the requested device with tf.device.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 
 from adapters.contract import (  # noqa: E402
     CONTRACT_VERSION,
+    DEFAULT_MODE,
     Adapter,
     Device,
     Implementation,
@@ -109,27 +113,35 @@ def _to_channels_first(x: tf.Tensor) -> tf.Tensor:
     return tf.transpose(x, [0, rank - 1, *range(1, rank - 1)])
 
 
-def _keras_group_norm(x, gamma, beta, eps, layout):
-    channels_first = layout == CHANNELS_FIRST
-    if channels_first:
-        x = _to_channels_last(x)
+def _new_instance_group_norm_layer(shape, dtype, eps, layout, affine):
+    """Build keras-group-norm's layer for x of `shape` in `layout`: one group per
+    channel over the channels-last form of x."""
+    if layout == CHANNELS_FIRST:
+        shape = (shape[0], *shape[2:], shape[1])
     # The layer's dtype policy is the tested dtype. Under the default float32 policy
     # Keras 3.15.1 returns float32 for float64 input (call() casts its result to the
     # compute dtype).
     layer = keras.layers.GroupNormalization(
-        groups=x.shape[-1],
+        groups=shape[-1],
         axis=-1,
         epsilon=eps,
-        center=beta is not None,
-        scale=gamma is not None,
-        dtype=x.dtype.name,
+        center=affine,
+        scale=affine,
+        dtype=dtype.name,
     )
-    layer.build(x.shape)
-    if gamma is not None:
-        layer.gamma.assign(gamma)
-    if beta is not None:
-        layer.beta.assign(beta)
-    output = layer(x)
+    layer.build(shape)
+    return layer
+
+
+def _keras_group_norm(x, gamma, beta, eps, layout, *, layer=None):
+    if layer is None:
+        layer = _new_instance_group_norm_layer(
+            tuple(x.shape), x.dtype, eps, layout, gamma is not None
+        )
+    channels_first = layout == CHANNELS_FIRST
+    if channels_first:
+        x = _to_channels_last(x)
+    output = _call_keras_layer(layer, x, gamma, beta)
     if channels_first:
         output = _to_channels_first(output)
     # Keras 3.15.1's GroupNormalization casts float16 and bfloat16 input to float32,
@@ -250,9 +262,11 @@ def _keras_compute_dtype(x: tf.Tensor) -> str:
 def _call_keras_layer(
     layer, x, gamma, beta, running: Running | None = None, **call_arguments
 ) -> tf.Tensor:
-    """Build `layer` for x, set its gamma and beta weights (and its moving mean
-    and variance from `running`), and call it on x."""
-    layer.build(x.shape)
+    """Set the built `layer`'s gamma and beta weights (and its moving mean and
+    variance from `running`), and call it on x.
+
+    In the compiled modes these assignments are part of the traced function, so
+    one layer serves every call with the same signature."""
     if gamma is not None:
         layer.gamma.assign(gamma)
     if beta is not None:
@@ -267,51 +281,92 @@ def _channel_axis(layout: str) -> int:
     return 1 if layout == CHANNELS_FIRST else -1
 
 
-def _group_norm_keras(x, gamma, beta, eps, layout, *, groups):
-    # Each Keras layer gets the tested dtype as its dtype policy, because under the
-    # default float32 policy Keras 3.15.1 returns float32 for float64 input.
+# Each Keras layer gets the tested dtype as its dtype policy, because under the
+# default float32 policy Keras 3.15.1 returns float32 for float64 input. The
+# factories build the layer for x of `shape`, so that the compiled modes can
+# create its variables outside the traced function.
+
+
+def _new_group_norm_layer(shape, dtype, eps, layout, affine, *, groups):
     layer = keras.layers.GroupNormalization(
         groups=groups,
         axis=_channel_axis(layout),
         epsilon=eps,
-        center=beta is not None,
-        scale=gamma is not None,
-        dtype=x.dtype.name,
+        center=affine,
+        scale=affine,
+        dtype=dtype.name,
     )
+    layer.build(shape)
+    return layer
+
+
+def _group_norm_keras(x, gamma, beta, eps, layout, *, groups, layer=None):
+    if layer is None:
+        layer = _new_group_norm_layer(
+            tuple(x.shape), x.dtype, eps, layout, gamma is not None, groups=groups
+        )
     output = _call_keras_layer(layer, x, gamma, beta)
     return Computed(
         output, layer.gamma, layer.beta, compute_dtype=_keras_compute_dtype(x)
     )
 
 
-def _layer_norm_keras(x, gamma, beta, eps, layout, *, normalized_ndim):
-    rank = x.shape.rank
+def _new_layer_norm_layer(shape, dtype, eps, layout, affine, *, normalized_ndim):
+    rank = len(shape)
     layer = keras.layers.LayerNormalization(
         axis=list(range(rank - normalized_ndim, rank)),
         epsilon=eps,
-        center=beta is not None,
-        scale=gamma is not None,
-        dtype=x.dtype.name,
+        center=affine,
+        scale=affine,
+        dtype=dtype.name,
     )
+    layer.build(shape)
+    return layer
+
+
+def _layer_norm_keras(x, gamma, beta, eps, layout, *, normalized_ndim, layer=None):
+    if layer is None:
+        layer = _new_layer_norm_layer(
+            tuple(x.shape),
+            x.dtype,
+            eps,
+            layout,
+            gamma is not None,
+            normalized_ndim=normalized_ndim,
+        )
     output = _call_keras_layer(layer, x, gamma, beta)
     return Computed(
         output, layer.gamma, layer.beta, compute_dtype=_keras_compute_dtype(x)
     )
 
 
-def _batch_norm_keras(x, gamma, beta, eps, layout, running: Running | None = None):
-    # Without `running`, training=True normalizes with the batch's statistics and
-    # the layer updates its default moving mean and variance, which the adapter
-    # discards with the layer.
-    options = {} if running is None else {"momentum": running.momentum}
+def _new_batch_norm_layer(shape, dtype, eps, layout, affine, *, momentum=None):
+    """Build batch_norm.keras's layer, with Keras's default momentum unless
+    `momentum` is given."""
+    options = {} if momentum is None else {"momentum": momentum}
     layer = keras.layers.BatchNormalization(
         axis=_channel_axis(layout),
         epsilon=eps,
-        center=beta is not None,
-        scale=gamma is not None,
-        dtype=x.dtype.name,
+        center=affine,
+        scale=affine,
+        dtype=dtype.name,
         **options,
     )
+    layer.build(shape)
+    return layer
+
+
+def _batch_norm_keras(
+    x, gamma, beta, eps, layout, running: Running | None = None, *, layer=None
+):
+    # Without `running`, training=True normalizes with the batch's statistics and
+    # the layer updates its default moving mean and variance, which the adapter
+    # discards with the layer (or overwrites on the next call in a compiled mode).
+    if layer is None:
+        momentum = None if running is None else running.momentum
+        layer = _new_batch_norm_layer(
+            tuple(x.shape), x.dtype, eps, layout, gamma is not None, momentum=momentum
+        )
     training = running is None or running.training
     output = _call_keras_layer(
         layer, x, gamma, beta, running=running, training=training
@@ -404,6 +459,29 @@ def _batch_norm_fused(x, gamma, beta, eps, layout, running: Running | None = Non
     )
 
 
+# The execution modes besides the default, eager one, each as the jit_compile
+# argument of tf.function. "function" runs the traced graph with TensorFlow's
+# graph optimizations (Grappler) and without XLA, and "xla" compiles the whole
+# graph with XLA. TensorFlow 2.21.0's XLA on the CPU compiles every
+# implementation here in every dtype that its default mode runs, for ranks 3 to
+# 5 in both layouts, with first and second derivatives and running statistics.
+# NOTE: neither mode has run on a GPU.
+EXECUTION_MODES = {"function": False, "xla": True}
+
+# The contents of the compiled modes' tf.function, appended to each
+# implementation's description.
+COMPILED_SCOPE = (
+    ". In the modes function (tf.function with jit_compile=False) and xla "
+    "(jit_compile=True), one traced function per input signature contains the "
+    "forward, its GradientTape gradients of x, gamma and beta, and for a "
+    "second-order request the outer tape"
+)
+KERAS_COMPILED_SCOPE = (
+    COMPILED_SCOPE + ". The layer and its variables are created outside that "
+    "function, which assigns gamma and beta to the weights and calls the layer"
+)
+
+
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "keras-group-norm": (
         Implementation(
@@ -411,9 +489,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "keras.layers.GroupNormalization(groups=C, axis=-1) with a dtype policy "
             "of the tested dtype (the layer computes float16 and bfloat16 input in "
             "float32 and rounds the output); channels-first input is transposed to "
-            "(N, ..., C) by the adapter and the output transposed back",
+            "(N, ..., C) by the adapter and the output transposed back"
+            + KERAS_COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             running_stats_reason=(
                 "Keras 3.15.1 has no InstanceNorm layer, and its GroupNormalization "
                 "keeps no moving statistics: its only weights are gamma and beta"
@@ -425,9 +505,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         Implementation(
             "moments",
             "tf.nn.moments over the spatial axes (keepdims) followed by "
-            "tf.nn.batch_normalization",
+            "tf.nn.batch_normalization" + COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             running_stats_reason=(
                 "tf.nn.moments and tf.nn.batch_normalization keep no state, and "
                 "TensorFlow 2.21.0 has no InstanceNorm op with running statistics"
@@ -441,9 +522,11 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             f"{FUSED_BATCH_NORM_NAME} in training mode on the (1, N*C, ...) "
             "reshape with gamma and beta tiled N times (data_format NCHW or NCDHW; "
             "channels-last input is transposed to (..., N, C) by the adapter and "
-            "runs as NHWC or NDHWC; rank-3 input gets a trailing spatial axis of 1)",
+            "runs as NHWC or NDHWC; rank-3 input gets a trailing spatial axis of 1)"
+            + COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             running_stats_reason=(
                 "FusedBatchNormV3 on the (1, N*C, ...) reshape updates one running "
                 "value per (n, c) slice, not per channel, and TensorFlow 2.21.0 has "
@@ -459,9 +542,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "-1 for channels-last input, epsilon=eps) with a dtype policy of the "
             "tested dtype and center and scale off when affine is off; gamma and "
             "beta are assigned to its weights (the layer computes float16 and "
-            "bfloat16 input in float32 and rounds the output)",
+            "bfloat16 input in float32 and rounds the output)" + KERAS_COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             operator="group_norm",
         ),
         _group_norm_keras,
@@ -473,9 +557,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "epsilon=eps) with a dtype policy of the tested dtype and center and "
             "scale off when affine is off; gamma and beta are assigned to its "
             "weights (the layer computes float16 and bfloat16 input in float32 "
-            "and rounds the output)",
+            "and rounds the output)" + KERAS_COMPILED_SCOPE,
             operator="layer_norm",
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
         ),
         _layer_norm_keras,
     ),
@@ -489,9 +574,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "computes float16 and bfloat16 input in float32 and rounds the "
             "output). With running statistics: momentum=momentum, the statistics "
             "assigned to moving_mean and moving_variance, and training=True for "
-            "a training step or training=False for inference",
+            "a training step or training=False for inference" + KERAS_COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             operator="batch_norm",
             running_stats="keras",
         ),
@@ -501,9 +587,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         Implementation(
             "batch_norm.moments",
             "tf.nn.moments over the batch and spatial axes (keepdims) followed by "
-            "tf.nn.batch_normalization",
+            "tf.nn.batch_normalization" + COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             operator="batch_norm",
             running_stats_reason=(
                 "tf.nn.moments returns the batch's statistics and keeps no state, so "
@@ -522,9 +609,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             "is off; rank-3 input gets a spatial axis of size 1. With running "
             "statistics (in float32 for float16 and bfloat16 input): mean and "
             "variance, and exponential_avg_factor=momentum for a training step "
-            "or is_training=False for inference",
+            "or is_training=False for inference" + COMPILED_SCOPE,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=tuple(EXECUTION_MODES),
             operator="batch_norm",
             running_stats="tf-fused",
         ),
@@ -537,16 +625,6 @@ FUSED_FLOAT64_REASON = (
     f"raises InvalidArgumentError in TensorFlow {tf.__version__} (its type "
     "attributes T and U do not allow double)"
 )
-
-
-def _operator_arguments(request: Request) -> dict[str, object]:
-    """Return the request fields that the implementation's forward takes as keywords."""
-    implementation, _ = IMPLEMENTATIONS[request.implementation]
-    if implementation.operator == "group_norm":
-        return {"groups": request.groups}
-    if implementation.operator == "layer_norm":
-        return {"normalized_ndim": request.normalized_ndim}
-    return {}
 
 
 def _tf_device(name: str) -> str:
@@ -562,6 +640,303 @@ def _to_numpy(tensor: tf.Tensor | tf.Variable | None) -> np.ndarray | None:
         # NumPy has no bfloat16, but float32 represents every bfloat16 value exactly.
         tensor = tf.cast(tensor, tf.float32)
     return np.array(tensor.numpy())
+
+
+# The factories of the Keras implementations' layers, called as
+# factory(shape, dtype, eps, layout, affine, **operator_arguments).
+KERAS_LAYERS = {
+    "keras-group-norm": _new_instance_group_norm_layer,
+    "group_norm.keras": _new_group_norm_layer,
+    "layer_norm.keras": _new_layer_norm_layer,
+    "batch_norm.keras": _new_batch_norm_layer,
+}
+
+# The number of compiled functions kept. Over the whole catalogue the two compiled
+# modes made 2846 traces with 128 entries, as many as a simulation of the suite's
+# item order gives for 512 (tensorflow-cpu 2.21.0).
+COMPILED_CACHE_SIZE = 128
+
+
+def _operator_arguments(request: Request) -> dict[str, object]:
+    """Return the request fields that the implementation's forward takes as keywords."""
+    implementation, _ = IMPLEMENTATIONS[request.implementation]
+    if implementation.operator == "group_norm":
+        return {"groups": request.groups}
+    if implementation.operator == "layer_norm":
+        return {"normalized_ndim": request.normalized_ndim}
+    return {}
+
+
+def _input_tensors(request: Request) -> dict[str, tf.Tensor]:
+    """Return the request's arrays as tensors of the tested dtype, by the names
+    `_Computation` takes, leaving out those the request does not carry."""
+    dtype = TF_DTYPES[request.dtype]
+    arrays = {
+        "x": request.x,
+        "gamma": request.gamma,
+        "beta": request.beta,
+        "grad_output": request.grad_output,
+        "running_mean": request.running_mean,
+        "running_var": request.running_var,
+        "direction": request.grad_grad_input,
+    }
+    # bfloat16 values arrive in float32 arrays, so the cast is exact.
+    return {
+        name: tf.cast(tf.constant(np.asarray(array)), dtype)
+        for name, array in arrays.items()
+        if array is not None
+    }
+
+
+class _Computation:
+    """The forward of one request's implementation with the requested
+    derivatives, as a function of `_input_tensors(request)`.
+
+    Calling it returns a dict of tensors named as Result fields, so that the
+    compiled modes can trace it into a tf.function. `eps` and `compute_dtype` are
+    the Result fields that do not depend on the values, set by the first call.
+    """
+
+    def __init__(self, request: Request, forward: Forward, layer=None):
+        self.forward = forward
+        self.eps_requested = request.eps
+        self.layout = request.layout
+        self.arguments = _operator_arguments(request)
+        if layer is not None:
+            self.arguments["layer"] = layer
+        self.running = None
+        if request.running_mean is not None:
+            self.running = (request.mode == "training", request.momentum)
+        self.second_order = request.grad_grad_input is not None
+        self.gradients = request.gradients
+        self.eps: float | None = None
+        self.compute_dtype: str | None = None
+
+    def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
+        if self.second_order:
+            return self._second_order(inputs)
+        return self._first_order(inputs)
+
+    def _forward(self, inputs: dict[str, tf.Tensor]) -> Computed:
+        arguments = dict(self.arguments)
+        if self.running is not None:
+            # The tapes do not watch the statistics, so the gradients of
+            # inference hold them constant.
+            training, momentum = self.running
+            arguments["running"] = Running(
+                mean=inputs["running_mean"],
+                variance=inputs["running_var"],
+                training=training,
+                momentum=momentum,
+            )
+        computed = self.forward(
+            inputs["x"],
+            inputs.get("gamma"),
+            inputs.get("beta"),
+            self.eps_requested,
+            self.layout,
+            **arguments,
+        )
+        self.eps = computed.eps
+        self.compute_dtype = computed.compute_dtype
+        return computed
+
+    def _first_order(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
+        """Run the forward under a gradient tape and return its output, the
+        updated running statistics, and the gradients of x, gamma and beta when
+        the request sets `gradients`."""
+        with tf.GradientTape() as tape:
+            for name in ("x", "gamma", "beta"):
+                if name in inputs:
+                    tape.watch(inputs[name])
+            computed = self._forward(inputs)
+        outputs = {
+            "output": computed.output,
+            "running_mean": computed.running_mean,
+            "running_var": computed.running_var,
+        }
+        if not self.gradients:
+            return outputs
+
+        # The Keras layers compute with their own gamma and beta variables.
+        sources = {
+            "grad_input": inputs["x"],
+            "grad_gamma": computed.gamma,
+            "grad_beta": computed.beta,
+        }
+        present = {
+            name: source for name, source in sources.items() if source is not None
+        }
+        gradients = tape.gradient(
+            computed.output,
+            list(present.values()),
+            output_gradients=inputs["grad_output"],
+        )
+        outputs.update(zip(present, gradients, strict=True))
+        return outputs
+
+    def _second_order(
+        self, inputs: dict[str, tf.Tensor]
+    ) -> dict[str, tf.Tensor | None]:
+        """Differentiate grad_input along v = inputs["direction"].
+
+        An inner tape computes grad_input from x and grad_output, and an outer tape
+        records that computation and returns the gradients of sum(v * grad_input)
+        with respect to x, gamma and grad_output. The forward runs under both.
+        """
+        x, grad_output = inputs["x"], inputs["grad_output"]
+        parameters = [inputs[name] for name in ("gamma", "beta") if name in inputs]
+        with tf.GradientTape() as outer:
+            outer.watch([x, grad_output, *parameters])
+            with tf.GradientTape() as inner:
+                inner.watch([x, *parameters])
+                computed = self._forward(inputs)
+            grad_input = inner.gradient(
+                computed.output, x, output_gradients=grad_output
+            )
+            loss = tf.reduce_sum(inputs["direction"] * grad_input)
+        # The Keras layers compute with their own gamma variable, which both tapes
+        # watch because it is trainable.
+        sources = [x, grad_output]
+        if computed.gamma is not None:
+            sources.append(computed.gamma)
+        # An input that grad_input does not depend on gets zeros, not None.
+        second = outer.gradient(
+            loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return {
+            "output": computed.output,
+            "grad_input": grad_input,
+            "grad2_input": second[0],
+            "grad2_grad_output": second[1],
+            "grad2_gamma": second[2] if computed.gamma is not None else None,
+        }
+
+
+class _CompiledComputation:
+    """A `_Computation` traced into one tf.function whose input_signature fixes
+    every input's shape and dtype, so that it traces once: a call with another
+    shape raises instead of retracing."""
+
+    def __init__(
+        self, request: Request, forward: Forward, inputs: dict[str, tf.Tensor]
+    ):
+        layer = None
+        new_layer = KERAS_LAYERS.get(request.implementation)
+        if new_layer is not None:
+            # Keras creates the layer's variables here, outside the traced
+            # function, because tf.function creates variables on its first
+            # trace only and keeps no reference to them. self.layer keeps them.
+            options = _operator_arguments(request)
+            if request.running_mean is not None:
+                options["momentum"] = request.momentum
+            layer = new_layer(
+                request.x.shape,
+                TF_DTYPES[request.dtype],
+                request.eps,
+                request.layout,
+                request.affine,
+                **options,
+            )
+        self.layer = layer
+        self.computation = _Computation(request, forward, layer)
+        signature = {
+            name: tf.TensorSpec(tensor.shape, tensor.dtype)
+            for name, tensor in inputs.items()
+        }
+        self.function = tf.function(
+            self.computation,
+            input_signature=[signature],
+            jit_compile=EXECUTION_MODES[request.execution_mode],
+        )
+
+    @property
+    def eps(self) -> float | None:
+        return self.computation.eps
+
+    @property
+    def compute_dtype(self) -> str | None:
+        return self.computation.compute_dtype
+
+    def tracing_count(self) -> int:
+        return self.function.experimental_get_tracing_count()
+
+
+class _CompiledCache:
+    """The compiled computations of the most recently used request signatures.
+
+    A signature is everything a traced function fixes: the implementation, mode,
+    device, dtype, layout, eps, the operator's arguments, running-statistics
+    options, the derivatives requested and every input's shape. Catalogue cases
+    that share one reuse the traced and compiled function.
+    """
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self.entries: OrderedDict[tuple, _CompiledComputation] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        # The traces of the entries already evicted.
+        self.evicted_traces = 0
+
+    def call(
+        self, request: Request, forward: Forward, inputs: dict[str, tf.Tensor]
+    ) -> tuple[_CompiledComputation, dict[str, tf.Tensor | None]]:
+        """Call the compiled computation of the request's signature on `inputs`,
+        compiling it first if it is not cached. Returns it with its outputs."""
+        key = _signature(request, inputs)
+        computation = self.entries.get(key)
+        if computation is None:
+            self.misses += 1
+            computation = _CompiledComputation(request, forward, inputs)
+            self.entries[key] = computation
+            if len(self.entries) > self.maxsize:
+                _, evicted = self.entries.popitem(last=False)
+                self.evicted_traces += evicted.tracing_count()
+        else:
+            self.hits += 1
+            self.entries.move_to_end(key)
+        try:
+            return computation, computation.function(inputs)
+        except Exception:
+            # A function that failed to trace or compile is not kept.
+            del self.entries[key]
+            self.evicted_traces += computation.tracing_count()
+            raise
+
+    def info(self) -> dict[str, int]:
+        """Return the hits, misses and traces so far, and the current size."""
+        traces = self.evicted_traces + sum(
+            entry.tracing_count() for entry in self.entries.values()
+        )
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "traces": traces,
+            "size": len(self.entries),
+        }
+
+
+def _signature(request: Request, inputs: dict[str, tf.Tensor]) -> tuple:
+    """Return the key under which _CompiledCache keeps the request's function."""
+    running = None
+    if request.running_mean is not None:
+        running = (request.mode, request.momentum)
+    return (
+        request.implementation,
+        request.execution_mode,
+        request.device,
+        request.dtype,
+        request.layout,
+        request.eps,
+        tuple(sorted(_operator_arguments(request).items())),
+        running,
+        request.gradients,
+        tuple((name, tuple(tensor.shape)) for name, tensor in inputs.items()),
+    )
+
+
+COMPILED = _CompiledCache(maxsize=COMPILED_CACHE_SIZE)
 
 
 class TensorFlowAdapter(Adapter):
@@ -610,8 +985,6 @@ class TensorFlowAdapter(Adapter):
 
     def run(self, request: Request) -> Result:
         _, forward = IMPLEMENTATIONS[request.implementation]
-        dtype = TF_DTYPES[request.dtype]
-        want = request.gradients
 
         # Without soft placement, an op with no kernel on the requested device
         # raises instead of silently running on the CPU.
@@ -619,9 +992,12 @@ class TensorFlowAdapter(Adapter):
         tf.config.set_soft_device_placement(False)
         try:
             with tf.device(_tf_device(request.device)):
-                if request.grad_grad_input is not None:
-                    return self._second_order(forward, request, dtype)
-                computed, gradients = self._compute(forward, request, dtype, want)
+                inputs = _input_tensors(request)
+                if request.execution_mode == DEFAULT_MODE:
+                    computation = _Computation(request, forward)
+                    outputs = computation(inputs)
+                else:
+                    computation, outputs = COMPILED.call(request, forward, inputs)
         except (tf.errors.OpError, ValueError) as error:
             # TensorFlow's runtime errors are OpError subclasses, and Keras raises
             # ValueError for input it does not accept. Anything else is an adapter bug.
@@ -629,120 +1005,9 @@ class TensorFlowAdapter(Adapter):
         finally:
             tf.config.set_soft_device_placement(soft_placement)
 
-        output = computed.output
-        grad_input, grad_gamma, grad_beta = gradients
         return Result(
-            output=_to_numpy(output),
-            grad_input=_to_numpy(grad_input),
-            grad_gamma=_to_numpy(grad_gamma),
-            grad_beta=_to_numpy(grad_beta),
-            dtype=output.dtype.name,
-            eps=computed.eps,
-            compute_dtype=computed.compute_dtype,
-            running_mean=_to_numpy(computed.running_mean),
-            running_var=_to_numpy(computed.running_var),
-        )
-
-    @staticmethod
-    def _compute(forward: Forward, request: Request, dtype: tf.DType, want: bool):
-        """Run `forward` under a gradient tape and return its result with the
-        gradients of x, gamma and beta (all None when request.gradients is False)."""
-
-        def tensor(array: np.ndarray | None) -> tf.Tensor | None:
-            if array is None:
-                return None
-            # bfloat16 values arrive in float32 arrays, so the cast is exact.
-            return tf.cast(tf.constant(np.asarray(array)), dtype)
-
-        x = tensor(request.x)
-        gamma = tensor(request.gamma)
-        beta = tensor(request.beta)
-        arguments = _operator_arguments(request)
-        if request.running_mean is not None:
-            # The tape does not watch the statistics, so the gradients of
-            # inference hold them constant.
-            arguments["running"] = Running(
-                mean=tensor(request.running_mean),
-                variance=tensor(request.running_var),
-                training=request.mode == "training",
-                momentum=request.momentum,
-            )
-        with tf.GradientTape() as tape:
-            for watched in (x, gamma, beta):
-                if watched is not None:
-                    tape.watch(watched)
-            computed = forward(x, gamma, beta, request.eps, request.layout, **arguments)
-        if not want:
-            return computed, (None, None, None)
-
-        sources = {"x": x, "gamma": computed.gamma, "beta": computed.beta}
-        present = {
-            name: source for name, source in sources.items() if source is not None
-        }
-        grads = tape.gradient(
-            computed.output,
-            list(present.values()),
-            output_gradients=tensor(request.grad_output),
-        )
-        by_name = dict(zip(present, grads, strict=True))
-        return computed, (by_name.get("x"), by_name.get("gamma"), by_name.get("beta"))
-
-    @staticmethod
-    def _second_order(forward: Forward, request: Request, dtype: tf.DType) -> Result:
-        """Differentiate grad_input along v = request.grad_grad_input.
-
-        An inner tape computes grad_input from x and grad_output, and an outer tape
-        records that computation and returns the gradients of sum(v * grad_input)
-        with respect to x, gamma and grad_output. The forward runs under both.
-        """
-
-        def tensor(array: np.ndarray | None) -> tf.Tensor | None:
-            if array is None:
-                return None
-            return tf.cast(tf.constant(np.asarray(array)), dtype)
-
-        x = tensor(request.x)
-        gamma = tensor(request.gamma)
-        beta = tensor(request.beta)
-        grad_output = tensor(request.grad_output)
-        direction = tensor(request.grad_grad_input)
-        with tf.GradientTape() as outer:
-            outer.watch([x, grad_output])
-            if gamma is not None:
-                outer.watch([gamma, beta])
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                if gamma is not None:
-                    inner.watch([gamma, beta])
-                computed = forward(
-                    x,
-                    gamma,
-                    beta,
-                    request.eps,
-                    request.layout,
-                    **_operator_arguments(request),
-                )
-            grad_input = inner.gradient(
-                computed.output, x, output_gradients=grad_output
-            )
-            loss = tf.reduce_sum(direction * grad_input)
-        # The Keras layers compute with their own gamma variable, which both tapes
-        # watch because it is trainable.
-        sources = [x, grad_output]
-        if computed.gamma is not None:
-            sources.append(computed.gamma)
-        # An input that grad_input does not depend on gets zeros, not None.
-        second = outer.gradient(
-            loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        output = computed.output
-        return Result(
-            output=_to_numpy(output),
-            grad_input=_to_numpy(grad_input),
-            dtype=output.dtype.name,
-            eps=computed.eps,
-            compute_dtype=computed.compute_dtype,
-            grad2_input=_to_numpy(second[0]),
-            grad2_gamma=_to_numpy(second[2]) if computed.gamma is not None else None,
-            grad2_grad_output=_to_numpy(second[1]),
+            **{name: _to_numpy(value) for name, value in outputs.items()},
+            dtype=outputs["output"].dtype.name,
+            eps=computation.eps,
+            compute_dtype=computation.compute_dtype,
         )
