@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import numpy_helper  # noqa: E402
 
-from suites import cases, dtypes, export, export_onnx  # noqa: E402
+from suites import cases, deviations, dtypes, export, export_onnx  # noqa: E402
 from tests.test_export import judge_by_recipe, load_arrays, npz_entry  # noqa: E402
 
 # Every channels-first case but the long reductions, whose 2^18-element slices
@@ -69,7 +69,7 @@ def test_every_channels_first_pair_exported(golden):
         for name in CASE_NAMES
         for dtype in dtypes.DTYPES
         if cases.by_name(name).layout == "channels_first"
-        and cases.by_name(name).fits(dtype)
+        and cases.by_name(name).unfit_reason(dtype) is None
     }
     assert exported == expected
 
@@ -157,6 +157,10 @@ def test_reference_within_float32_eps_rounding_of_npz(golden):
     # and so y and its scale by at most 2^-25 times the scale.
     output, manifest = golden
     for entry in onnx_entries(manifest):
+        if np.float32(entry["eps"]) < np.finfo(np.float32).tiny and entry["eps"]:
+            # eps below float32's normal range changes by more than 2^-24 (to 0
+            # or a subnormal) in the model's float32 attribute.
+            continue
         folder = output / entry["path"]
         npz = npz_entry(manifest, entry["case"], entry["dtype"])
         arrays = load_arrays(output / npz["path"])
@@ -184,12 +188,31 @@ def test_onnx_export_is_deterministic(golden, tmp_path):
     ).read_bytes()
 
 
+def known_deviation(case_name: str, dtype: str) -> bool:
+    """Return True if suites/deviations.toml records onnxruntime's
+    InstanceNormalization output on this case and dtype as a known deviation (the
+    folded scale and shift on constant slices, overflow near float32's largest
+    value): the export's models then run as the suite's items do, outside the
+    budget."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    record = {
+        "framework": "onnxruntime",
+        "implementation": "instance-norm-opset6",
+        "device": "cpu",
+        "dtype": dtype,
+        "case": case_name,
+        "quantity": "output",
+    }
+    entries = deviations.load(deviations.DEFAULT_PATH)
+    return any(entry.covers(record, onnxruntime.__version__) for entry in entries)
+
+
 ORT_ITEMS = [
     (name, dtype)
     for name in CASE_NAMES
     if cases.by_name(name).layout == "channels_first"
     for dtype in dtypes.DTYPES
-    if cases.by_name(name).fits(dtype)
+    if cases.by_name(name).unfit_reason(dtype) is None
 ]
 
 
@@ -197,6 +220,8 @@ ORT_ITEMS = [
     "case_name, dtype", ORT_ITEMS, ids=[f"{c}-{d}" for c, d in ORT_ITEMS]
 )
 def test_onnxruntime_within_budget(golden, case_name, dtype):
+    if dtype not in NO_CPU_KERNEL and known_deviation(case_name, dtype):
+        pytest.skip("a known deviation of onnxruntime's InstanceNormalization")
     ort = pytest.importorskip("onnxruntime")
     errors = ort.capi.onnxruntime_pybind11_state
     output, manifest = golden
