@@ -1,16 +1,22 @@
 """PyTorch adapter: three ways to compute InstanceNorm and the functional GroupNorm,
-LayerNorm and BatchNorm, with gradients and second derivatives through autograd."""
+LayerNorm and BatchNorm, with gradients and second derivatives through autograd, and
+an execution mode that runs first-order requests through torch.compile."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch._dynamo
+import torch._inductor.exc
 import torch.nn.functional as F
 
 from adapters.contract import (
     CONTRACT_VERSION,
+    DEFAULT_MODE,
     Adapter,
     Device,
     Implementation,
@@ -91,13 +97,24 @@ def _family_batch_norm(x, gamma, beta, request, running=(None, None)):
 
 BOTH_LAYOUTS = ("channels_first", "channels_last")
 
+# The execution mode that runs an implementation's forward and backward through
+# torch.compile. Second-order and running-statistics requests come in the
+# default mode only.
+COMPILE_MODE = "compile"
+COMPILE_DESCRIPTION = (
+    "; in mode compile, torch.compile(backend='inductor', fullgraph=True, "
+    "dynamic=True) traces this call into one forward graph, AOTAutograd derives "
+    "its backward graph, and inductor compiles both (C++ kernels on the CPU)"
+)
+
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "functional": (
         Implementation(
             "functional",
-            "torch.nn.functional.instance_norm",
+            "torch.nn.functional.instance_norm" + COMPILE_DESCRIPTION,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=(COMPILE_MODE,),
             running_stats="torch",
         ),
         _functional,
@@ -105,9 +122,10 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "group-norm": (
         Implementation(
             "group-norm",
-            "torch.nn.functional.group_norm, groups = C",
+            "torch.nn.functional.group_norm, groups = C" + COMPILE_DESCRIPTION,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=(COMPILE_MODE,),
         ),
         _group_norm,
     ),
@@ -115,28 +133,33 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         Implementation(
             "batch-norm-reshape",
             "torch.nn.functional.batch_norm, training mode, on the (1, N*C, ...) "
-            "reshape with gamma and beta repeated N times",
+            "reshape with gamma and beta repeated N times" + COMPILE_DESCRIPTION,
             layouts=BOTH_LAYOUTS,
             second_order=True,
+            execution_modes=(COMPILE_MODE,),
         ),
         _batch_norm_reshape,
     ),
     "group_norm.functional": (
         Implementation(
             "group_norm.functional",
-            "torch.nn.functional.group_norm(x, groups, weight, bias, eps)",
+            "torch.nn.functional.group_norm(x, groups, weight, bias, eps)"
+            + COMPILE_DESCRIPTION,
             layouts=BOTH_LAYOUTS,
             operator="group_norm",
             second_order=True,
+            execution_modes=(COMPILE_MODE,),
         ),
         _family_group_norm,
     ),
     "layer_norm.functional": (
         Implementation(
             "layer_norm.functional",
-            "torch.nn.functional.layer_norm(x, x.shape[-k:], weight, bias, eps)",
+            "torch.nn.functional.layer_norm(x, x.shape[-k:], weight, bias, eps)"
+            + COMPILE_DESCRIPTION,
             operator="layer_norm",
             second_order=True,
+            execution_modes=(COMPILE_MODE,),
         ),
         _family_layer_norm,
     ),
@@ -144,15 +167,153 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
         Implementation(
             "batch_norm.functional",
             "torch.nn.functional.batch_norm(x, running_mean, running_var, weight, "
-            "bias, training, momentum, eps)",
+            "bias, training, momentum, eps)" + COMPILE_DESCRIPTION,
             layouts=BOTH_LAYOUTS,
             operator="batch_norm",
             second_order=True,
+            execution_modes=(COMPILE_MODE,),
             running_stats="torch",
         ),
         _family_batch_norm,
     ),
 }
+
+
+# ---------------------------------------------------------------------------------
+# The compile mode
+
+
+@dataclass(frozen=True)
+class GraphConstants:
+    """The request fields a forward reads, which become constants of a compiled
+    graph. Compile mode serves training-mode requests without running statistics
+    only."""
+
+    eps: float
+    groups: int | None
+    normalized_ndim: int | None
+    mode: str = "training"
+    momentum: float | None = None
+
+
+# dynamo keeps its graphs on the code object of `compiled_forward` in
+# _compile_forward, which every compiled forward shares, so its limits count the
+# graphs of all of them. torch 2.13.0's default recompile_limit of 8 stopped
+# compilation at the ninth eps value of one implementation. With
+# fail_on_recompile_limit_hit, reaching a limit raises FailOnRecompileLimitHit
+# (verdict `error`), where dynamo would otherwise run the function eagerly and
+# only log a warning.
+DYNAMO_LIMITS = {
+    "recompile_limit": 4096,
+    "accumulated_recompile_limit": 4096,
+    "fail_on_recompile_limit_hit": True,
+}
+
+
+def _compile_forward(forward: Forward, constants: GraphConstants) -> Forward:
+    """Return forward(x, gamma, beta, constants) compiled by torch.compile.
+
+    fullgraph=True makes a graph break raise (dynamo would otherwise run the
+    untraceable part eagerly). dynamic=True traces sizes as symbols, so one graph
+    serves every shape with the same number of dimensions, except that dynamo
+    compiles another graph for each size of 0 or 1, which it specializes. It also
+    guards on dtype, device, strides and requires_grad, and compiles a new graph
+    when one of them changes.
+    """
+
+    def compiled_forward(x, gamma, beta):
+        return forward(x, gamma, beta, constants)
+
+    compiled = torch.compile(
+        compiled_forward, backend="inductor", fullgraph=True, dynamic=True
+    )
+
+    def run_compiled(x, gamma, beta):
+        with torch._dynamo.config.patch(**DYNAMO_LIMITS):
+            return compiled(x, gamma, beta)
+
+    return run_compiled
+
+
+# Exceptions that mean the adapter or its environment broke (a failed C++
+# toolchain, a graph break in the adapter's own code, a reached recompile limit),
+# so they propagate and give the item the verdict `error`, never `rejected`.
+COMPILER_FAULTS = (
+    torch._inductor.exc.CppCompileError,
+    torch._inductor.exc.InvalidCxxCompiler,
+    torch._dynamo.exc.Unsupported,
+    torch._dynamo.exc.FailOnRecompileLimitHit,
+)
+
+
+def _is_compiler_fault(error: BaseException) -> bool:
+    """Return True if `error`, or an exception it was raised from, is one of
+    COMPILER_FAULTS.
+
+    dynamo wraps a backend's exception in BackendCompilerFailed (attribute
+    inner_exception). The context of an exception is not followed, because dynamo
+    raises TorchRuntimeError while handling an Unsupported. TorchRuntimeError is
+    an operator's error on dynamo's fake tensors, so the framework rejected the
+    input."""
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, COMPILER_FAULTS):
+            return True
+        current = getattr(current, "inner_exception", None) or current.__cause__
+    return False
+
+
+def _rejection_text(error: Exception) -> str:
+    """Return the framework's message for `error`, without what dynamo adds.
+
+    dynamo appends the traceback of the traced code to an operator's error (from
+    "from user code:" on). Its TorchRuntimeError, an operator's error on fake
+    tensors, describes the call and then gives the operator's exception after
+    "): got ", which this returns. Other dynamo errors come back on one line,
+    without their hints."""
+    text = str(error).split("\n\nfrom user code:")[0]
+    if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return f"{type(error).__name__}: {text}"
+    lines = []
+    for line in text.splitlines():
+        if line.strip().startswith("Hint:"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines)
+    _, marker, operator_error = text.partition("): got ")
+    if marker:
+        return f"{type(error).__name__} from {operator_error}"
+    return f"{type(error).__name__}: {text}"
+
+
+@functools.cache
+def _compiler_missing_reason(device_type: str) -> str | None:
+    """Return why inductor cannot compile for `device_type` here, or None."""
+    # Private modules of torch 2.13.0, imported here so that a torch without them
+    # loses the compile mode only.
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch.utils._triton import has_triton
+
+    if device_type == "cuda":
+        # NOTE: compile mode has run only with the CPU build of torch 2.13.0, so
+        # this CUDA branch (inductor's Triton kernels) is untested.
+        if has_triton():
+            return None
+        return (
+            f"torch {torch.__version__}'s inductor backend generates Triton kernels "
+            "for CUDA, and the triton package is missing or sees no supported GPU"
+        )
+    try:
+        get_cpp_compiler()
+    except torch._inductor.exc.InvalidCxxCompiler as error:
+        return (
+            f"torch {torch.__version__}'s inductor backend compiles C++ kernels for "
+            f"the CPU and found no C++ compiler ({error}); set CXX to one"
+        )
+    return None
 
 
 def _to_numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
@@ -182,6 +343,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class TorchAdapter(Adapter):
     contract_version = CONTRACT_VERSION
     framework = "torch"
+
+    def __init__(self) -> None:
+        # The compiled forwards by (implementation, eps, groups, normalized_ndim),
+        # the constants of their graphs. Within one, dynamo's guards select or
+        # compile a graph for each dtype, device, layout and number of dimensions.
+        self._compiled: dict[tuple, Forward] = {}
 
     def version(self) -> str:
         return torch.__version__
@@ -216,8 +383,55 @@ class TorchAdapter(Adapter):
             devices.append(Device(name))
         return devices
 
+    def execution_mode_reason(
+        self, implementation: str, mode: str, device: str, dtype: str
+    ) -> str | None:
+        """Return why `mode` cannot run on `device`, or None when it runs."""
+        if mode != COMPILE_MODE:
+            return f"the torch adapter has no execution mode {mode!r}"
+        if torch._dynamo.config.disable:
+            # Each call would then raise RuntimeError ("found no compiled frames"
+            # in torch 2.13.0), which would read as the framework rejecting the
+            # input.
+            return (
+                "torch.compile is disabled (torch._dynamo.config.disable, set by "
+                "TORCH_COMPILE_DISABLE=1). Unset it to run the compile mode"
+            )
+        return _compiler_missing_reason(torch.device(device).type)
+
+    def compiled_forward(self, request: Request) -> Forward:
+        """Return the compiled forward for the request, compiling it on first use.
+
+        Raises ValueError for a request that compile mode does not serve."""
+        if request.execution_mode != COMPILE_MODE:
+            raise ValueError(
+                f"the torch adapter has no execution mode {request.execution_mode!r}"
+            )
+        if request.grad_grad_input is not None or request.running_mean is not None:
+            raise ValueError(
+                f"execution mode {COMPILE_MODE!r} runs first-order requests without "
+                "running statistics; second-order and running-statistics requests "
+                f"come in mode {DEFAULT_MODE!r}"
+            )
+        key = (
+            request.implementation,
+            request.eps,
+            request.groups,
+            request.normalized_ndim,
+        )
+        if key not in self._compiled:
+            _, forward = IMPLEMENTATIONS[request.implementation]
+            constants = GraphConstants(
+                request.eps, request.groups, request.normalized_ndim
+            )
+            self._compiled[key] = _compile_forward(forward, constants)
+        return self._compiled[key]
+
     def run(self, request: Request) -> Result:
         _, forward = IMPLEMENTATIONS[request.implementation]
+        compiled = None
+        if request.execution_mode != DEFAULT_MODE:
+            compiled = self.compiled_forward(request)
         dtype = TORCH_DTYPES[request.dtype]
         device = torch.device(request.device)
 
@@ -243,19 +457,29 @@ class TorchAdapter(Adapter):
             tensor(request.running_var, False),
         )
         extra = {} if running[0] is None else {"running": running}
+        if compiled is None:
+
+            def compute(x, gamma, beta):
+                return forward(x, gamma, beta, request, **extra)
+
+        else:
+            compute = compiled
 
         try:
             # A channels-last array becomes an (N, C, ...) view with channels-last
             # strides, which torch's channels-last kernels handle without a copy.
             logical = _channels_first_view(x) if channels_last else x
-            output = forward(logical, gamma, beta, request, **extra)
+            output = compute(logical, gamma, beta)
             if want:
                 grad_output = tensor(request.grad_output, False)
                 if channels_last:
                     grad_output = _channels_first_view(grad_output)
+                # In compile mode, this runs the compiled backward graph.
                 output.backward(grad_output)
         except Exception as error:  # noqa: BLE001 - the framework refused the input
-            raise Rejected(f"{type(error).__name__}: {error}") from error
+            if _is_compiler_fault(error):
+                raise
+            raise Rejected(_rejection_text(error)) from error
 
         if channels_last:
             output = _channels_last_view(output)
