@@ -41,6 +41,17 @@ those values with `momentum` and returns the updated values in
 with them in place of the batch's statistics and returns the output and the
 gradients, the statistics held constant. `running_stats_reason` says why an
 implementation has none.
+
+Repeated backward, optional: an implementation lists in `backward_schemes` the
+schemes of BACKWARD_SCHEMES it runs, and gets requests that carry
+`grad_outputs`, a stack of K grad_output arrays. In the scheme "repeat" the
+adapter runs one forward pass and then K backward passes through its graph,
+the k-th with grad_outputs[k], each into fresh gradients. In the scheme
+"accumulate" it runs K steps of forward and backward that add their gradients
+into the same buffers, the framework's accumulate mode. It returns the
+gradients after each call, stacked, in `Result.grad_input_steps`,
+`grad_gamma_steps` and `grad_beta_steps`. `backward_schemes_reason` says why a
+scheme is missing.
 """
 
 from __future__ import annotations
@@ -80,6 +91,12 @@ DEFAULT_MODE = "default"
 # references.running_stats.CONVENTIONS, which defines each.
 RUNNING_CONVENTIONS = ("torch", "keras", "mxnet", "onnx", "tf-fused")
 
+# The schemes of several backward calls for one input (suites/repeated_backward.py):
+# "repeat" runs one forward pass and K backward passes through its graph, each into
+# fresh gradients; "accumulate" runs K forward and backward steps whose gradients
+# the framework adds into the same buffers.
+BACKWARD_SCHEMES = ("repeat", "accumulate")
+
 # Memory layouts of x: channels_first is (N, C, *spatial), channels_last is
 # (N, *spatial, C).
 LAYOUTS = ("channels_first", "channels_last")
@@ -106,6 +123,8 @@ class Implementation:
     `execution_modes` names the modes it runs in besides DEFAULT_MODE, such as
     "compile" for a compiled graph; each catalogue case runs in each of them,
     and test ids and records name the implementation as `<name>@<mode>`.
+    `backward_schemes` lists the members of BACKWARD_SCHEMES it runs (it needs
+    `gradients`), and `backward_schemes_reason` why the others are missing.
     """
 
     name: str
@@ -119,6 +138,8 @@ class Implementation:
     running_stats: str = ""
     running_stats_reason: str = ""
     execution_modes: tuple[str, ...] = ()
+    backward_schemes: tuple[str, ...] = ()
+    backward_schemes_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +184,17 @@ class Request:
     convention says which value it weights), and returns the running values
     after the step. With `mode` "inference" it normalizes with them: the output
     and the gradients of x, gamma and beta hold the statistics constant.
+
+    `grad_outputs` is None except in a repeated-backward request, sent only to an
+    implementation that lists the scheme `backward_scheme` in `backward_schemes`,
+    and `backward_scheme` is None otherwise. `grad_outputs` is then
+    a read-only stack of K arrays, shape (K, *x.shape), each laid out like x, and
+    `grad_output` is its first. In the scheme "repeat" the adapter runs the
+    forward pass once and K backward passes through it, the k-th with
+    grad_outputs[k], clearing the gradients before each. In "accumulate" it runs
+    K forward and backward steps on the same x, gamma and beta, the k-th with
+    grad_outputs[k], and leaves the framework to add each step's gradients to
+    the last.
     """
 
     op: str
@@ -185,6 +217,8 @@ class Request:
     running_var: np.ndarray | None = None
     momentum: float | None = None
     execution_mode: str = DEFAULT_MODE
+    grad_outputs: np.ndarray | None = None
+    backward_scheme: str | None = None
 
 
 @dataclass
@@ -221,6 +255,13 @@ class Result:
     running statistics: the values after the step, shape (C,), in any float dtype
     that holds them (frameworks often keep them in float32 for float16 input).
     They are None otherwise.
+
+    `grad_input_steps`, `grad_gamma_steps` and `grad_beta_steps` belong to a
+    repeated-backward request: the gradients after each of its K backward calls,
+    stacked, shape (K, *x.shape) in the request's layout and (K, *gamma.shape).
+    In the scheme "accumulate" they are the framework's buffers after each call,
+    the sums of the calls so far. The suite judges only these for such a
+    request.
     """
 
     output: np.ndarray | None
@@ -235,6 +276,9 @@ class Result:
     grad2_grad_output: np.ndarray | None = None
     running_mean: np.ndarray | None = None
     running_var: np.ndarray | None = None
+    grad_input_steps: np.ndarray | None = None
+    grad_gamma_steps: np.ndarray | None = None
+    grad_beta_steps: np.ndarray | None = None
 
 
 class Adapter(abc.ABC):
@@ -363,6 +407,7 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                 )
             _check_running_stats(origin, implementation)
             _check_execution_modes(origin, implementation)
+            _check_backward_schemes(origin, implementation)
             if implementation.second_order and not implementation.gradients:
                 raise ContractError(
                     f"adapter {origin}: implementation {implementation.name!r} "
@@ -370,6 +415,29 @@ def _check_members(origin: str, method: str, members: object, kind: type) -> Non
                     "differentiate the input gradient, so set gradients=True or "
                     "second_order=False"
                 )
+
+
+def _check_backward_schemes(origin: str, implementation: Implementation) -> None:
+    """Raise ContractError unless the implementation's backward schemes are
+    distinct members of BACKWARD_SCHEMES, declared with gradients."""
+    schemes = implementation.backward_schemes
+    name = implementation.name
+    if isinstance(schemes, str) or not isinstance(schemes, Sequence):
+        raise ContractError(
+            f"adapter {origin}: implementation {name!r} declares backward_schemes "
+            f"{schemes!r}, not a tuple of names"
+        )
+    unknown = [scheme for scheme in schemes if scheme not in BACKWARD_SCHEMES]
+    if unknown or len(set(schemes)) != len(schemes):
+        raise ContractError(
+            f"adapter {origin}: implementation {name!r} declares backward_schemes "
+            f"{tuple(schemes)!r}; use distinct members of {', '.join(BACKWARD_SCHEMES)}"
+        )
+    if schemes and not implementation.gradients:
+        raise ContractError(
+            f"adapter {origin}: implementation {name!r} declares backward_schemes "
+            "without gradients; set gradients=True or leave backward_schemes empty"
+        )
 
 
 def _check_execution_modes(origin: str, implementation: Implementation) -> None:

@@ -31,8 +31,11 @@ from packaging.version import InvalidVersion, Version
 from suites import dtypes, files
 from suites.cases import CATALOGUE
 from suites.error_model import (
+    ACCUMULATED_QUANTITIES,
+    BASE_QUANTITY,
     INFERENCE_QUANTITIES,
     QUANTITIES,
+    REPEATED_QUANTITIES,
     RUNNING_QUANTITIES,
     SECOND_ORDER_QUANTITIES,
 )
@@ -74,6 +77,8 @@ KNOWN_QUANTITIES = (
     *SECOND_ORDER_QUANTITIES,
     *RUNNING_QUANTITIES,
     *INFERENCE_QUANTITIES,
+    *REPEATED_QUANTITIES,
+    *ACCUMULATED_QUANTITIES,
     *RELATIONS,
 )
 
@@ -117,7 +122,10 @@ class Deviation:
         A record of an execution mode other than the default names its
         implementation `<name>@<mode>`. An entry that names the implementation,
         or whose item pattern matches the id without the mode, covers it in every
-        mode; one that names `<name>@<mode>` covers that mode alone."""
+        mode; one that names `<name>@<mode>` covers that mode alone. An entry
+        that names a first-order gradient also covers the repeated and
+        accumulated calls of that gradient (error_model.BASE_QUANTITY): they run
+        the same kernel."""
 
         def allowed(values: tuple[str, ...] | None, value: str) -> bool:
             return values is None or value in values
@@ -135,7 +143,10 @@ class Deviation:
             and allowed(self.cases, record["case"])
             and allowed(self.devices, record["device"])
             and allowed(self.dtypes, record["dtype"])
-            and allowed(self.quantities, record["quantity"])
+            and (
+                allowed(self.quantities, record["quantity"])
+                or allowed(self.quantities, BASE_QUANTITY.get(record["quantity"], ""))
+            )
             and (
                 self.items is None
                 or any(

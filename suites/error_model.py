@@ -137,8 +137,30 @@ RUNNING_BUDGET: dict[str, dict[str, tuple[float, float]]] = {
 } | {quantity: BUDGET["grad_input"] for quantity in INFERENCE_QUANTITIES}
 
 
+# Repeated backward (suites/repeated_backward.py): the gradients of each of K
+# backward calls on one input, each into fresh gradients ("repeated_") or added
+# into the same buffers ("accumulated_"). Each takes the budget and reduction
+# length of the first-order gradient behind it (BASE_QUANTITY); the scale of an
+# accumulated one is accumulated_scale.
+REPEATED_QUANTITIES = (
+    "repeated_grad_input",
+    "repeated_grad_gamma",
+    "repeated_grad_beta",
+)
+ACCUMULATED_QUANTITIES = (
+    "accumulated_grad_input",
+    "accumulated_grad_gamma",
+    "accumulated_grad_beta",
+)
+BASE_QUANTITY = {
+    quantity: quantity.split("_", 1)[1]
+    for quantity in (*REPEATED_QUANTITIES, *ACCUMULATED_QUANTITIES)
+}
+
+
 def budget(quantity: str, dtype: str, reduction_length: int) -> float:
     """Return the largest normalized error a correct result may show."""
+    quantity = BASE_QUANTITY.get(quantity, quantity)
     for table in (BUDGET, SECOND_ORDER_BUDGET, RUNNING_BUDGET):
         if quantity in table:
             break
@@ -157,6 +179,7 @@ def budget_reduction_length(
     the two: N * M for InstanceNorm and BatchNorm. The running statistics are such
     sums too, and the output and grad_input of inference reduce over nothing.
     """
+    quantity = BASE_QUANTITY.get(quantity, quantity)
     if quantity in ELEMENTWISE:
         return 1
     view = operator.view_shape(tuple(shape))
@@ -233,6 +256,30 @@ def scales(
                 result[f"{quantity}_sum"], result[f"{quantity}_squares"]
             )
     return result
+
+
+def accumulated_scale(
+    step_scales: list[np.ndarray],
+    step_exact: list[np.ndarray],
+    limit: float,
+    units: str,
+) -> np.ndarray:
+    """Return the scale of a gradient that K backward calls added up, from each
+    call's scale and exact value; `limit` is the budget (u) of one call's
+    gradient, and `units` the dtype whose roundoff u measures errors.
+
+    Each call's gradient g_k is off by at most limit * u * S_k. Adding K of them
+    rounds K - 1 times, each time by at most u times the partial sum, which is at
+    most the sum of |G_k| + limit * u * S_k over the calls. The scale returned,
+    sum(S_k) + (K - 1) / limit * sum(|G_k| + limit * u * S_k), turns that whole
+    bound into `limit` units. Where an exact value is not finite, so is the scale,
+    and only an exact match passes there.
+    """
+    unit = dtypes.COMPUTE_UNIT_ROUNDOFF[units]
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.sum(step_scales, axis=0)
+        magnitude = np.sum(np.abs(step_exact), axis=0) + limit * unit * total
+        return total + (len(step_scales) - 1) / limit * magnitude
 
 
 def constant_slices(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:

@@ -52,6 +52,9 @@ RESULT_ARRAYS = (
     *error_model.QUANTITIES,
     *error_model.SECOND_ORDER_QUANTITIES,
     *error_model.RUNNING_QUANTITIES,
+    "grad_input_steps",
+    "grad_gamma_steps",
+    "grad_beta_steps",
 )
 # How much of the worker's stderr a failure message quotes.
 STDERR_TAIL_LINES = 12
@@ -453,6 +456,7 @@ INPUT_NAMES = (
     "grad_grad_input",
     "running_mean",
     "running_var",
+    "grad_outputs",
 )
 
 

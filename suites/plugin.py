@@ -27,6 +27,7 @@ from suites import (
     dtypes,
     files,
     isolation,
+    repeated_backward,
     replay,
     report,
     running_statistics,
@@ -47,6 +48,8 @@ METAMORPHIC_TEST = "::test_metamorphic["
 METAMORPHIC_FIXTURE = "metamorphic_target"
 RUNNING_TEST = "::test_running_statistics["
 RUNNING_FIXTURE = "running_target"
+BACKWARD_TEST = "::test_repeated_backward["
+BACKWARD_FIXTURE = "backward_target"
 # The ONNX Runtime adapter reads its providers from this variable, which worker
 # processes inherit; --ort-providers sets it.
 ORT_PROVIDERS_VARIABLE = "NORMCONF_ORT_PROVIDERS"
@@ -732,6 +735,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(
             RUNNING_FIXTURE, running, ids=[target.test_id for target in running]
         )
+    if BACKWARD_FIXTURE in metafunc.fixturenames:
+        # The default mode only, as for second derivatives: torch.compile ran
+        # about five of these items a minute with pytest -n 2 on two cores.
+        repeated = repeated_backward.select_targets(
+            default_mode_targets(targets(metafunc.config))
+        )
+        metafunc.parametrize(
+            BACKWARD_FIXTURE, repeated, ids=[target.test_id for target in repeated]
+        )
     if SECOND_ORDER_FIXTURE in metafunc.fixturenames:
         chosen = select_targets(default_mode_targets(targets(metafunc.config)))
         metafunc.parametrize(
@@ -931,9 +943,9 @@ def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
 
 def records_verdicts(nodeid: str) -> bool:
     """Return True if the test `nodeid` records verdicts: an item of the
-    catalogue, second-order, running-statistics or metamorphic suite. A suite
-    with nothing selected has one placeholder item, [NOTSET], which records
-    none."""
+    catalogue, second-order, running-statistics, repeated-backward or metamorphic
+    suite. A suite with nothing selected has one placeholder item, [NOTSET],
+    which records none."""
     if nodeid.endswith(("[NOTSET]", "[off]")):
         return False
     return any(
@@ -942,6 +954,7 @@ def records_verdicts(nodeid: str) -> bool:
             CONFORMANCE_TEST,
             SECOND_ORDER_TEST,
             RUNNING_TEST,
+            BACKWARD_TEST,
             METAMORPHIC_TEST,
         )
     )

@@ -17,8 +17,38 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.contract import Rejected, Request, Result
+from adapters.contract import (
+    CONTRACT_VERSION,
+    Device,
+    Implementation,
+    Rejected,
+    Request,
+    Result,
+)
 from tests.faults import Float32Kernel
+
+
+class Declares:
+    """An adapter that declares one implementation and runs nothing, for tests of
+    what the suite decides from declarations alone."""
+
+    contract_version = CONTRACT_VERSION
+    framework = "declares"
+
+    def __init__(self, implementation: Implementation) -> None:
+        self.implementation = implementation
+
+    def version(self) -> str:
+        return "1.0"
+
+    def implementations(self) -> list[Implementation]:
+        return [self.implementation]
+
+    def devices(self) -> list[Device]:
+        return [Device("cpu")]
+
+    def run(self, request: Request) -> Result:
+        raise NotImplementedError
 
 
 class Erratic(Float32Kernel):

@@ -21,6 +21,7 @@ from adapters.contract import (
 from suites import cases, deviations
 from suites.verdicts import Item, build_request, item_inputs, run_item
 from tests import faults
+from tests.broken_adapters import Declares
 from tests.subprocess_runs import run_suite
 
 
@@ -57,28 +58,6 @@ class BrokenCompiledMode(TwoModeKernel):
         if request.execution_mode == "serial":
             return faults.EpsOutsideSqrt().run(request)
         return super().run(request)
-
-
-class Declares:
-    """An adapter that declares one implementation and runs nothing."""
-
-    contract_version = 1
-    framework = "declares"
-
-    def __init__(self, implementation):
-        self.implementation = implementation
-
-    def version(self):
-        return "1.0"
-
-    def implementations(self):
-        return [self.implementation]
-
-    def devices(self):
-        return faults.Float32Kernel().devices()
-
-    def run(self, request):
-        raise NotImplementedError
 
 
 @pytest.mark.parametrize(

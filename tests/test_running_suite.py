@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from adapters.contract import (
-    CONTRACT_VERSION,
     RUNNING_CONVENTIONS,
     ContractError,
     Device,
@@ -24,33 +23,12 @@ from references.normalization import statistics
 from suites import cases, dtypes, error_model, running_statistics
 from suites.verdicts import Item
 from tests import running_faults as running
+from tests.broken_adapters import Declares
 from tests.faults import SMALL_CASES
 from tests.subprocess_runs import run_suite
 
 SEEDS = range(5)
 MODES = ("training", "inference")
-
-
-class Declares:
-    """An adapter that declares one implementation and runs nothing."""
-
-    contract_version = CONTRACT_VERSION
-    framework = "declares"
-
-    def __init__(self, implementation: Implementation) -> None:
-        self.implementation = implementation
-
-    def version(self):
-        return "1.0"
-
-    def implementations(self):
-        return [self.implementation]
-
-    def devices(self):
-        return [Device("cpu")]
-
-    def run(self, request):
-        raise NotImplementedError
 
 
 def test_conventions_named_in_contract_are_defined():

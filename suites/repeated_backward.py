@@ -1,0 +1,364 @@
+"""Repeated backward through the suite: several backward calls for one input, each
+into fresh gradients or added into the same buffers.
+
+An item is an (implementation, device, dtype, case, scheme, execution mode) for an
+implementation that lists schemes in `backward_schemes`, or that gives in
+`backward_schemes_reason` why it has none (its items are then unsupported). The
+adapter receives the case's inputs and a stack of REPEATS grad_output arrays: the
+case's own first, then further draws from the case's generator, from the seeded
+streams "grad_output:2", "grad_output:3" and so on. Each call thus has its own
+grad_output, and a result that carries something over from an earlier call
+differs from the reference.
+
+- "repeat": one forward pass, then a backward pass per grad_output through its
+  graph, each into fresh gradients. The k-th call's gradients are judged against
+  the first-order reference for the k-th grad_output, with the first-order
+  scales and budgets: `repeated_grad_input`, `repeated_grad_gamma`,
+  `repeated_grad_beta`.
+- "accumulate": a forward and backward step per grad_output, whose gradients the
+  framework adds into the same buffers. After the k-th call the buffers are
+  judged against the sum of the first k references, with the scale of
+  error_model.accumulated_scale: `accumulated_grad_input` and so on.
+
+Each quantity gets one record, for its worst call; the message names the call.
+Not posed: a case beyond CHUNK_ELEMENTS elements, as for second derivatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from adapters.contract import BACKWARD_SCHEMES, Device, Implementation, Request
+from references.family import INSTANCE_NORM, Operator
+from suites import cases, dtypes, error_model
+from suites.cases import Case, Inputs
+from suites.verdicts import (
+    Item,
+    Record,
+    build_request,
+    call_adapter,
+    check_array,
+    from_layout,
+    item_inputs,
+    layout_shape,
+    record_comparison,
+    to_layout,
+    unpack_result,
+)
+from suites.verdicts import reference_from_inputs as first_order_reference
+from suites.verdicts import unsupported_reason as first_order_unsupported_reason
+
+# The number of backward calls per item, K. Three, as in the reported input:
+# the second call shows what the first left behind, and the third whether the
+# second call's state differs from the first's.
+REPEATS = 3
+# The record's quantity prefix of each scheme.
+PREFIXES = {"repeat": "repeated", "accumulate": "accumulated"}
+# The first-order gradients and the Result field that holds each one's steps.
+GRADIENTS = ("grad_input", "grad_gamma", "grad_beta")
+STEP_FIELDS = {name: f"{name}_steps" for name in GRADIENTS}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardTarget:
+    """One repeated-backward item: a conformance item's coordinates and a scheme."""
+
+    adapter: object
+    implementation: Implementation
+    device: Device
+    item: Item
+    scheme: str
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.item.item_id}-{self.scheme}"
+
+
+def declares(implementation: Implementation) -> bool:
+    """Return True if the implementation gets repeated-backward items: it runs a
+    scheme, or it gives the reason it runs none."""
+    return bool(
+        implementation.backward_schemes or implementation.backward_schemes_reason
+    )
+
+
+def select_targets(targets: list) -> list[BackwardTarget]:
+    """Return one BackwardTarget per scheme for each target (suites.plugin.Target)
+    whose implementation gets repeated-backward items, in the order given."""
+    return [
+        BackwardTarget(
+            target.adapter, target.implementation, target.device, target.item, scheme
+        )
+        for target in targets
+        if declares(target.implementation)
+        for scheme in BACKWARD_SCHEMES
+    ]
+
+
+def gradients_for(case: Case) -> tuple[str, ...]:
+    """Return the first-order gradients of the case: no parameter gradients
+    without affine parameters."""
+    return GRADIENTS if case.affine else GRADIENTS[:1]
+
+
+def quantities_for(case: Case, scheme: str) -> tuple[str, ...]:
+    """Return the record quantities of the scheme for the case."""
+    return tuple(f"{PREFIXES[scheme]}_{name}" for name in gradients_for(case))
+
+
+def unposed_reason(case: Case) -> str | None:
+    """Return why the case gets no repeated-backward items, or None if it does."""
+    if case.large:
+        return (
+            f"repeated backward calls are judged on whole inputs, and case "
+            f"{case.name} has {case.elements} elements, beyond the "
+            f"{cases.CHUNK_ELEMENTS} of a whole reference"
+        )
+    return None
+
+
+def unsupported_reason(
+    adapter: object,
+    implementation: Implementation,
+    device: Device,
+    item: Item,
+    scheme: str,
+) -> str | None:
+    """Return why the item cannot run, or None when it runs: the implementation
+    lacks the scheme, the first-order item cannot run, or the case is not posed.
+    Raises AdapterMethodError as suites.verdicts.unsupported_reason does."""
+    if scheme not in implementation.backward_schemes:
+        return implementation.backward_schemes_reason or (
+            f"implementation {implementation.name} has no backward scheme {scheme!r}"
+        )
+    reason = first_order_unsupported_reason(adapter, implementation, device, item)
+    return reason or unposed_reason(item.case)
+
+
+@functools.lru_cache(maxsize=8)
+def grad_outputs(case: Case, dtype: str, seed: int) -> np.ndarray:
+    """Return the REPEATS grad_output arrays of the case, stacked, in
+    (N, C, *spatial) order, rounded to `dtype` and read-only. The first is the
+    case's own grad_output."""
+    first = cases.materialize(case, dtype, seed).grad_output
+    stack = [first]
+    for call in range(2, REPEATS + 1):
+        # Seeded as the case's other inputs are, by seed, case and role.
+        rng = cases._stream(seed, case.name, f"grad_output:{call}")
+        drawn = case.grad_output.generate(rng, case.shape)
+        stack.append(dtypes.round_to(drawn, dtype).astype(first.dtype))
+    values = np.stack(stack)
+    values.flags.writeable = False
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The first-order reference of each call, by gradient: the exact values and
+    scales of each call on its own, in the shapes of x (channels-first) and
+    gamma, stacked along a first axis of length REPEATS."""
+
+    exact: dict[str, np.ndarray]
+    scales: dict[str, np.ndarray]
+
+
+def reference_from_inputs(
+    inputs: Inputs, stack: np.ndarray, eps: float, operator: Operator = INSTANCE_NORM
+) -> Reference:
+    """Return the float64 gradients and scales of each call for these inputs and
+    grad_output stack."""
+    exact: dict[str, list[np.ndarray]] = {name: [] for name in GRADIENTS}
+    scales: dict[str, list[np.ndarray]] = {name: [] for name in GRADIENTS}
+    for grad_output in stack:
+        call_inputs = dataclasses.replace(inputs, grad_output=grad_output)
+        expected, scale = first_order_reference(call_inputs, eps, operator)
+        for name in GRADIENTS:
+            exact[name].append(getattr(expected, name))
+            scales[name].append(scale[name])
+    return Reference(
+        exact={name: np.stack(arrays) for name, arrays in exact.items()},
+        scales={name: np.stack(arrays) for name, arrays in scales.items()},
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def catalogue_reference(
+    case: Case,
+    dtype: str,
+    seed: int,
+    eps: float | None = None,
+    operator: Operator = INSTANCE_NORM,
+) -> Reference:
+    """Return reference_from_inputs for the catalogue's inputs and grad_output
+    stack of (case, dtype, seed), with the case's eps or the eps the framework
+    received. Cached so that every implementation, device and scheme tested in
+    this dtype shares it."""
+    inputs = cases.operator_inputs(case, dtype, seed, operator)
+    use_eps = case.eps if eps is None else eps
+    return reference_from_inputs(
+        inputs, grad_outputs(case, dtype, seed), use_eps, operator
+    )
+
+
+def build_backward_request(
+    item: Item, inputs: Inputs, stack: np.ndarray, scheme: str
+) -> Request:
+    """Return the repeated-backward request of the item: the first-order request
+    with gradients, the grad_output stack in the case's layout and the scheme."""
+    request = build_request(item, inputs, gradients=True)
+    layout = item.case.layout
+    laid_out = np.stack([to_layout(grad_output, layout) for grad_output in stack])
+    laid_out.flags.writeable = False
+    return dataclasses.replace(
+        request,
+        grad_output=laid_out[0],
+        grad_outputs=laid_out,
+        backward_scheme=scheme,
+    )
+
+
+def unsupported_records(item: Item, scheme: str, reason: str) -> list[Record]:
+    """Record every quantity of an item that cannot run."""
+    return [
+        item.record(quantity, "unsupported", True, reason)
+        for quantity in quantities_for(item.case, scheme)
+    ]
+
+
+def error_records(item: Item, scheme: str, message: str) -> list[Record]:
+    """Record every quantity of an item as `error`."""
+    return [
+        item.record(quantity, "error", False, message)
+        for quantity in quantities_for(item.case, scheme)
+    ]
+
+
+def run_item(
+    adapter: object,
+    item: Item,
+    scheme: str,
+    inputs: Inputs | None = None,
+    stack: np.ndarray | None = None,
+) -> list[Record]:
+    """Run the item through the adapter in `scheme` and return one record per
+    quantity. `inputs` and `stack` (in (N, C, *spatial) order) replace the
+    catalogue's, and the reference is then computed from them."""
+    supplied = inputs is not None or stack is not None
+    if inputs is None:
+        inputs = item_inputs(item)
+    if stack is None:
+        stack = grad_outputs(item.case, item.dtype, item.seed)
+    request = build_backward_request(item, inputs, stack, scheme)
+    quantities = quantities_for(item.case, scheme)
+    caches = (grad_outputs, catalogue_reference)
+    result, records = call_adapter(adapter, item, request, quantities, caches)
+    if records is not None:
+        return records
+    return judge_result(item, scheme, result, (inputs, stack) if supplied else None)
+
+
+def expected_values(
+    reference: Reference,
+    name: str,
+    scheme: str,
+    item: Item,
+    x_shape: tuple[int, ...],
+    units: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the exact values and scales of gradient `name` after each call,
+    stacked: each call's own in the scheme "repeat", the running sums in
+    "accumulate". `units` is the dtype whose roundoff measures the errors."""
+    dtype = item.dtype
+    exact, scales = reference.exact[name], reference.scales[name]
+    if scheme == "repeat":
+        return exact, scales
+    limit = error_model.budget(
+        name, dtype, error_model.budget_reduction_length(name, x_shape, item.operator)
+    )
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = np.cumsum(exact, axis=0)
+    accumulated = [
+        error_model.accumulated_scale(
+            list(scales[: call + 1]), list(exact[: call + 1]), limit, units
+        )
+        for call in range(len(exact))
+    ]
+    return sums, np.stack(accumulated)
+
+
+def judge_result(
+    item: Item,
+    scheme: str,
+    result: object,
+    supplied: tuple[Inputs, np.ndarray] | None = None,
+) -> list[Record]:
+    """Compare an adapter's gradients after each call with the reference: one
+    record per quantity, for its worst call. The reference comes from `supplied`
+    (inputs and grad_output stack) when set, else from the catalogue.
+
+    As for second derivatives, results that are NaN throughout get `fail`, not
+    `error`: a framework that keeps NaN from an earlier call is the defect this
+    suite looks for."""
+    case, dtype = item.case, item.dtype
+    quantities = quantities_for(case, scheme)
+    names = gradients_for(case)
+    x_shape = case.shape if supplied is None else supplied[0].x.shape
+    unpacked = unpack_result(item, result, (), x_shape, "grad_input_steps")
+    if isinstance(unpacked, str):
+        return [item.record(q, "error", False, unpacked) for q in quantities]
+    eps, units, result_dtype = unpacked.eps, unpacked.units, unpacked.result_dtype
+
+    if supplied is None:
+        reference = catalogue_reference(case, dtype, item.seed, eps, item.operator)
+        calls = REPEATS
+    else:
+        inputs, stack = supplied
+        use_eps = case.eps if eps is None else eps
+        reference = reference_from_inputs(inputs, stack, use_eps, item.operator)
+        calls = len(stack)
+
+    records = []
+    for quantity, name in zip(quantities, names, strict=True):
+        field = STEP_FIELDS[name]
+        got = getattr(result, field)
+        if name == "grad_input":
+            shape = (calls, *layout_shape(x_shape, case.layout))
+        else:
+            shape = (calls, *item.operator.parameter_shape(x_shape))
+        problem = check_array(field, got, shape)
+        if problem is None and result_dtype is not None and result_dtype != dtype:
+            problem = f"the framework returned {result_dtype} for a {dtype} input"
+        if problem is not None:
+            records.append(
+                item.record(
+                    quantity, "error", False, problem, result_dtype=result_dtype
+                )
+            )
+            continue
+        exact, scales = expected_values(reference, name, scheme, item, x_shape, units)
+        worst = None
+        for call in range(calls):
+            value = got[call]
+            if name == "grad_input":
+                value = from_layout(value, case.layout)
+            comparison = error_model.compare(
+                quantity,
+                value,
+                exact[call],
+                scales[call],
+                dtype,
+                x_shape,
+                units,
+                item.operator,
+            )
+            if worst is None or comparison.error > worst[1].error:
+                worst = (call, comparison)
+        call, comparison = worst
+        record = record_comparison(item, quantity, comparison, result_dtype, eps, units)
+        record.message = f"call {call + 1} of {calls}: {record.message}"
+        record.compute_dtype = result.compute_dtype
+        records.append(record)
+    return records
