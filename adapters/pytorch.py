@@ -15,6 +15,7 @@ import torch._inductor.exc
 import torch.nn.functional as F
 
 from adapters.contract import (
+    BACKWARD_SCHEMES,
     CONTRACT_VERSION,
     DEFAULT_MODE,
     Adapter,
@@ -115,6 +116,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=(COMPILE_MODE,),
+            backward_schemes=BACKWARD_SCHEMES,
             running_stats="torch",
         ),
         _functional,
@@ -126,6 +128,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=(COMPILE_MODE,),
+            backward_schemes=BACKWARD_SCHEMES,
         ),
         _group_norm,
     ),
@@ -137,6 +140,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=(COMPILE_MODE,),
+            backward_schemes=BACKWARD_SCHEMES,
         ),
         _batch_norm_reshape,
     ),
@@ -149,6 +153,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             operator="group_norm",
             second_order=True,
             execution_modes=(COMPILE_MODE,),
+            backward_schemes=BACKWARD_SCHEMES,
         ),
         _family_group_norm,
     ),
@@ -160,6 +165,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             operator="layer_norm",
             second_order=True,
             execution_modes=(COMPILE_MODE,),
+            backward_schemes=BACKWARD_SCHEMES,
         ),
         _family_layer_norm,
     ),
@@ -172,6 +178,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             operator="batch_norm",
             second_order=True,
             execution_modes=(COMPILE_MODE,),
+            backward_schemes=BACKWARD_SCHEMES,
             running_stats="torch",
         ),
         _family_batch_norm,
@@ -444,6 +451,15 @@ class TorchAdapter(Adapter):
 
         if request.grad_grad_input is not None:
             return self._run_second_order(request, forward, tensor)
+        if request.grad_outputs is not None:
+            if compiled is None:
+
+                def compute(x, gamma, beta):
+                    return forward(x, gamma, beta, request)
+
+            else:
+                compute = compiled
+            return self._run_repeated(request, compute, tensor)
 
         want = request.gradients
         x = tensor(request.x, want)
@@ -491,6 +507,55 @@ class TorchAdapter(Adapter):
             dtype=_dtype_name(output.dtype),
             running_mean=_to_numpy(running[0]) if request.mode == "training" else None,
             running_var=_to_numpy(running[1]) if request.mode == "training" else None,
+        )
+
+    def _run_repeated(
+        self, request: Request, compute: Callable, tensor: TensorMaker
+    ) -> Result:
+        """Run several backward calls, one per grad_output of the request.
+
+        "repeat": one forward pass, then backward(retain_graph=True) per
+        grad_output, with each .grad set to None before the call. "accumulate":
+        a forward and backward pass per grad_output, leaving .grad alone, so
+        that autograd adds each call's gradients to it (torch's default)."""
+        x = tensor(request.x, True)
+        gamma = tensor(request.gamma, True)
+        beta = tensor(request.beta, True)
+        leaves = [x] if gamma is None else [x, gamma, beta]
+        channels_last = request.layout == "channels_last"
+
+        def logical(value: torch.Tensor) -> torch.Tensor:
+            return _channels_first_view(value) if channels_last else value
+
+        steps: list[list[np.ndarray]] = [[] for _ in leaves]
+        try:
+            output = None
+            for array in request.grad_outputs:
+                if output is None or request.backward_scheme == "accumulate":
+                    output = compute(logical(x), gamma, beta)
+                if request.backward_scheme == "repeat":
+                    for leaf in leaves:
+                        leaf.grad = None
+                grad_output = logical(tensor(array, False))
+                output.backward(
+                    grad_output, retain_graph=request.backward_scheme == "repeat"
+                )
+                for stack, leaf in zip(steps, leaves, strict=True):
+                    # A copy: autograd may add the next call's gradients to
+                    # .grad in place, and _to_numpy shares a CPU tensor's memory.
+                    stack.append(_to_numpy(leaf.grad).copy())
+        except Exception as error:  # noqa: BLE001 - the framework refused the input
+            if _is_compiler_fault(error):
+                raise
+            raise Rejected(_rejection_text(error)) from error
+
+        stacked = [np.stack(stack) for stack in steps]
+        return Result(
+            output=None,
+            grad_input_steps=stacked[0],
+            grad_gamma_steps=stacked[1] if gamma is not None else None,
+            grad_beta_steps=stacked[2] if gamma is not None else None,
+            dtype=_dtype_name(output.dtype),
         )
 
     def _run_second_order(
