@@ -30,6 +30,7 @@ with warnings.catch_warnings():
     from mxnet import autograd, gluon
 
 from adapters.contract import (
+    BACKWARD_SCHEMES,
     CONTRACT_VERSION,
     DEFAULT_MODE,
     MODES,
@@ -284,6 +285,7 @@ def _hybridizable(name: str, description: str, **fields: object) -> Implementati
         name,
         description + HYBRIDIZE_DESCRIPTION,
         execution_modes=EXECUTION_MODES,
+        backward_schemes=BACKWARD_SCHEMES,
         **fields,
     )
 
@@ -604,6 +606,10 @@ class MXNetAdapter(Adapter):
                     with context:
                         return forward(mx.nd, spec, *inputs)
 
+            if request.grad_outputs is not None:
+                return self._run_repeated(
+                    request, compute, ndarray, gamma, beta, moving
+                )
             if record:
                 with autograd.record(train_mode=training):
                     output = compute(x, gamma, beta, *moving)
@@ -629,6 +635,52 @@ class MXNetAdapter(Adapter):
         except mx.base.MXNetError as error:
             raise Rejected(_framework_message(error)) from error
         return result
+
+    def _run_repeated(
+        self,
+        request: Request,
+        compute: Callable[..., mx.nd.NDArray],
+        ndarray: Callable[[np.ndarray, str, bool], mx.nd.NDArray],
+        gamma: mx.nd.NDArray,
+        beta: mx.nd.NDArray,
+        moving: Sequence[mx.nd.NDArray],
+    ) -> Result:
+        """Run several backward calls, one per grad_output of the request.
+
+        "repeat": one recorded forward pass, then backward(retain_graph=True) per
+        grad_output into arrays attached with grad_req "write", which each call
+        overwrites. "accumulate": arrays attached with grad_req "add", MXNet's
+        accumulate mode, and a recorded forward and backward pass per
+        grad_output, so that MXNet adds each call's gradients to the last."""
+        accumulate = request.backward_scheme == "accumulate"
+        grad_req = "add" if accumulate else "write"
+        x = ndarray(request.x, request.dtype, False)
+        leaves = [x, gamma, beta] if request.affine else [x]
+        for leaf in leaves:
+            # attach_grad allocates zeroed gradient buffers, which "add" needs.
+            leaf.attach_grad(grad_req=grad_req)
+        training = request.mode == "training"
+        steps: list[list[np.ndarray]] = [[] for _ in leaves]
+        output = None
+        for array in request.grad_outputs:
+            if output is None or accumulate:
+                with autograd.record(train_mode=training):
+                    output = compute(x, gamma, beta, *moving)
+            output.backward(
+                ndarray(array, request.dtype, False), retain_graph=not accumulate
+            )
+            for stack, leaf in zip(steps, leaves, strict=True):
+                # asnumpy() copies and waits for the backward call.
+                stack.append(leaf.grad.asnumpy())
+        stacked = [np.stack(stack) for stack in steps]
+        return Result(
+            output=None,
+            grad_input_steps=stacked[0],
+            grad_gamma_steps=stacked[1] if request.affine else None,
+            grad_beta_steps=stacked[2] if request.affine else None,
+            dtype=np.dtype(output.dtype).name,
+            eps=_received_eps(request.implementation, request.eps),
+        )
 
     def _hybrid_graph(self, forward: Forward, spec: GraphSpec) -> HybridGraph:
         """Return the hybridized block for `spec`, from the cache or newly built."""
