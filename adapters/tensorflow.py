@@ -482,6 +482,16 @@ KERAS_COMPILED_SCOPE = (
 )
 
 
+# Why the implementations run the backward scheme "repeat" and not "accumulate".
+NO_ACCUMULATE = (
+    f"TensorFlow {tf.__version__} has no accumulate mode: tf.GradientTape.gradient "
+    "returns new tensors on each call and keeps no gradient buffers to add "
+    "them into; a sum over calls would be the adapter's own code, not "
+    'TensorFlow\'s. Repeated backward runs as "repeat", K gradient calls on one '
+    "persistent tape"
+)
+
+
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
     "keras-group-norm": (
         Implementation(
@@ -494,6 +504,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             running_stats_reason=(
                 "Keras 3.15.1 has no InstanceNorm layer, and its GroupNormalization "
                 "keeps no moving statistics: its only weights are gamma and beta"
@@ -509,6 +521,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             running_stats_reason=(
                 "tf.nn.moments and tf.nn.batch_normalization keep no state, and "
                 "TensorFlow 2.21.0 has no InstanceNorm op with running statistics"
@@ -527,6 +541,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             running_stats_reason=(
                 "FusedBatchNormV3 on the (1, N*C, ...) reshape updates one running "
                 "value per (n, c) slice, not per channel, and TensorFlow 2.21.0 has "
@@ -546,6 +562,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             operator="group_norm",
         ),
         _group_norm_keras,
@@ -561,6 +579,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             operator="layer_norm",
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
         ),
         _layer_norm_keras,
     ),
@@ -578,6 +598,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             operator="batch_norm",
             running_stats="keras",
         ),
@@ -591,6 +613,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             operator="batch_norm",
             running_stats_reason=(
                 "tf.nn.moments returns the batch's statistics and keeps no state, so "
@@ -613,6 +637,8 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
+            backward_schemes=("repeat",),
+            backward_schemes_reason=NO_ACCUMULATE,
             operator="batch_norm",
             running_stats="tf-fused",
         ),
@@ -679,6 +705,7 @@ def _input_tensors(request: Request) -> dict[str, tf.Tensor]:
         "running_mean": request.running_mean,
         "running_var": request.running_var,
         "direction": request.grad_grad_input,
+        "grad_outputs": request.grad_outputs,
     }
     # bfloat16 values arrive in float32 arrays, so the cast is exact.
     return {
@@ -708,6 +735,7 @@ class _Computation:
         if request.running_mean is not None:
             self.running = (request.mode == "training", request.momentum)
         self.second_order = request.grad_grad_input is not None
+        self.repeated = request.grad_outputs is not None
         self.gradients = request.gradients
         self.eps: float | None = None
         self.compute_dtype: str | None = None
@@ -715,6 +743,8 @@ class _Computation:
     def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
         if self.second_order:
             return self._second_order(inputs)
+        if self.repeated:
+            return self._repeated(inputs)
         return self._first_order(inputs)
 
     def _forward(self, inputs: dict[str, tf.Tensor]) -> Computed:
@@ -773,6 +803,40 @@ class _Computation:
             output_gradients=inputs["grad_output"],
         )
         outputs.update(zip(present, gradients, strict=True))
+        return outputs
+
+    def _repeated(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
+        """Run the forward once under a persistent tape and call its gradient once
+        per grad_output of inputs["grad_outputs"], the scheme "repeat". Returns
+        the output and each gradient's calls, stacked on a first axis."""
+        with tf.GradientTape(persistent=True) as tape:
+            for name in ("x", "gamma", "beta"):
+                if name in inputs:
+                    tape.watch(inputs[name])
+            computed = self._forward(inputs)
+        sources = {
+            "grad_input_steps": inputs["x"],
+            "grad_gamma_steps": computed.gamma,
+            "grad_beta_steps": computed.beta,
+        }
+        present = {
+            name: source for name, source in sources.items() if source is not None
+        }
+        calls = []
+        # The number of calls is the static first dimension of grad_outputs, so a
+        # traced function unrolls this loop into that many gradient graphs.
+        for call in range(inputs["grad_outputs"].shape[0]):
+            calls.append(
+                tape.gradient(
+                    computed.output,
+                    list(present.values()),
+                    output_gradients=inputs["grad_outputs"][call],
+                )
+            )
+        del tape
+        outputs: dict[str, tf.Tensor | None] = {"output": computed.output}
+        for index, name in enumerate(present):
+            outputs[name] = tf.stack([gradients[index] for gradients in calls])
         return outputs
 
     def _second_order(
