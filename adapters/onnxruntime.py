@@ -1193,8 +1193,50 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
             + "; gradients from GradientGraphBuilder",
             gradients=True,
             gradient_reason="",
+            backward_schemes=("repeat",),
+            backward_schemes_reason=self._no_accumulate(),
         )
         return Spec(spec.operator, spec.opset, declared)
+
+    @staticmethod
+    def _no_accumulate() -> str:
+        return (
+            f"onnxruntime-training {onnxruntime.__version__}'s GradientGraphBuilder "
+            "graph keeps no gradient buffers: each session run returns new x_grad, "
+            "scale_grad and B_grad outputs (the accumulating buffers belong to "
+            "onnxruntime.training.api.Module, which needs training artifacts this "
+            'adapter does not build). Repeated backward runs as "repeat": one '
+            "session run per grad_output, forward and backward together, since the "
+            "gradient graph cannot run its backward part alone"
+        )
+
+    def run(self, request: Request) -> Result:
+        if request.grad_outputs is None:
+            return super().run(request)
+        steps: dict[str, list[np.ndarray]] = {
+            "grad_input": [],
+            "grad_gamma": [],
+            "grad_beta": [],
+        }
+        result = None
+        for grad_output in request.grad_outputs:
+            single = replace(
+                request,
+                grad_output=grad_output,
+                grad_outputs=None,
+                backward_scheme=None,
+            )
+            result = super().run(single)
+            for name, stack in steps.items():
+                value = getattr(result, name)
+                if value is not None:
+                    # A copy, so that no later run can write into this call's array.
+                    stack.append(np.array(value, copy=True))
+        stacked = {
+            f"{name}_steps": np.stack(stack) if stack else None
+            for name, stack in steps.items()
+        }
+        return Result(output=None, dtype=result.dtype, eps=result.eps, **stacked)
 
     def model_bytes(self, spec: Spec, signature: Signature) -> bytes:
         forward = super().model_bytes(spec, signature)
