@@ -736,8 +736,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             RUNNING_FIXTURE, running, ids=[target.test_id for target in running]
         )
     if BACKWARD_FIXTURE in metafunc.fixturenames:
-        # The default mode only, as for second derivatives: torch.compile ran
-        # about five of these items a minute with pytest -n 2 on two cores.
+        # The default mode only, as for second derivatives: torch's compile items
+        # already take most of a torch run (docs/frameworks/torch.md, "Cost").
         repeated = repeated_backward.select_targets(
             default_mode_targets(targets(metafunc.config))
         )
