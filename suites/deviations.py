@@ -33,6 +33,7 @@ from suites.cases import CATALOGUE
 from suites.error_model import (
     ACCUMULATED_QUANTITIES,
     BASE_QUANTITY,
+    FRESH_MATCH,
     INFERENCE_QUANTITIES,
     QUANTITIES,
     REPEATED_QUANTITIES,
@@ -123,9 +124,10 @@ class Deviation:
         implementation `<name>@<mode>`. An entry that names the implementation,
         or whose item pattern matches the id without the mode, covers it in every
         mode; one that names `<name>@<mode>` covers that mode alone. An entry
-        that names a first-order gradient also covers the repeated and
-        accumulated calls of that gradient (error_model.BASE_QUANTITY): they run
-        the same kernel."""
+        that names a first-order gradient also covers a repeated or accumulated
+        record of that gradient (error_model.BASE_QUANTITY) whose message ends
+        in FRESH_MATCH: each of its calls equals a fresh single call, so its
+        error is the first-order one and not state kept between calls."""
 
         def allowed(values: tuple[str, ...] | None, value: str) -> bool:
             return values is None or value in values
@@ -143,10 +145,7 @@ class Deviation:
             and allowed(self.cases, record["case"])
             and allowed(self.devices, record["device"])
             and allowed(self.dtypes, record["dtype"])
-            and (
-                allowed(self.quantities, record["quantity"])
-                or allowed(self.quantities, BASE_QUANTITY.get(record["quantity"], ""))
-            )
+            and self._covers_quantity(record)
             and (
                 self.items is None
                 or any(
@@ -156,6 +155,23 @@ class Deviation:
                 )
             )
         )
+
+    def _covers_quantity(self, record: dict) -> bool:
+        """Return True if the entry selects the record's quantity. A repeated or
+        accumulated quantity is selected by its own name, or through its
+        first-order gradient (named, or every quantity) unless it failed with a
+        message that does not end in FRESH_MATCH: a rejection or a crash is the
+        first-order one, but a failure may be state kept between calls."""
+        quantity = record["quantity"]
+        base = BASE_QUANTITY.get(quantity)
+        if base is None:
+            return self.quantities is None or quantity in self.quantities
+        if self.quantities is not None and quantity in self.quantities:
+            return True
+        first_order = record.get("verdict") != "fail" or str(
+            record.get("message", "")
+        ).endswith(FRESH_MATCH)
+        return first_order and (self.quantities is None or base in self.quantities)
 
     def explains(self, record: dict) -> bool:
         """Return True if a covered non-conforming record is the difference this

@@ -156,6 +156,11 @@ BASE_QUANTITY = {
     quantity: quantity.split("_", 1)[1]
     for quantity in (*REPEATED_QUANTITIES, *ACCUMULATED_QUANTITIES)
 }
+# The note that ends the message of a failing repeated or accumulated record when
+# every call matches the same adapter's fresh, single backward calls with those
+# grad_outputs (their sums in "accumulate"): the error is first-order, not state
+# kept between calls, so a deviation entry for the first-order gradient covers it.
+FRESH_MATCH = "every call matches fresh single backward calls"
 
 
 def budget(quantity: str, dtype: str, reduction_length: int) -> float:

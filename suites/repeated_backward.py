@@ -1,9 +1,10 @@
 """Repeated backward through the suite: several backward calls for one input, each
 into fresh gradients or added into the same buffers.
 
-An item is an (implementation, device, dtype, case, scheme, execution mode) for an
-implementation that lists schemes in `backward_schemes`, or that gives in
-`backward_schemes_reason` why it has none (its items are then unsupported). The
+An item is an (implementation, device, dtype, case, scheme), in the default
+execution mode, for an implementation that lists schemes in `backward_schemes`,
+or that gives in `backward_schemes_reason` why it has none (its items are then
+unsupported). The
 adapter receives the case's inputs and a stack of REPEATS grad_output arrays: the
 case's own first, then further draws from the case's generator, from the seeded
 streams "grad_output:2", "grad_output:3" and so on. Each call thus has its own
@@ -21,6 +22,11 @@ differs from the reference.
   error_model.accumulated_scale: `accumulated_grad_input` and so on.
 
 Each quantity gets one record, for its worst call; the message names the call.
+When a quantity fails, the adapter also runs one fresh first-order call per
+grad_output. If every call matches those (their sums in "accumulate"), the
+message ends in error_model.FRESH_MATCH: the error is first-order, and a
+deviation entry for the first-order gradient covers it. Otherwise the message
+names the call that differs, as state kept between calls.
 Not posed: a case beyond CHUNK_ELEMENTS elements, as for second derivatives.
 """
 
@@ -28,10 +34,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
-from adapters.contract import BACKWARD_SCHEMES, Device, Implementation, Request
+from adapters.contract import (
+    BACKWARD_SCHEMES,
+    Device,
+    Implementation,
+    Request,
+    Result,
+)
 from references.family import INSTANCE_NORM, Operator
 from suites import cases, dtypes, error_model
 from suites.cases import Case, Inputs
@@ -257,7 +270,42 @@ def run_item(
     result, records = call_adapter(adapter, item, request, quantities, caches)
     if records is not None:
         return records
-    return judge_result(item, scheme, result, (inputs, stack) if supplied else None)
+
+    def fresh() -> dict[str, np.ndarray] | None:
+        return fresh_calls(adapter, item, inputs, stack)
+
+    return judge_result(
+        item, scheme, result, (inputs, stack) if supplied else None, fresh
+    )
+
+
+def fresh_calls(
+    adapter: object, item: Item, inputs: Inputs, stack: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """Run one first-order request per grad_output of the stack, each a new
+    forward and backward call, and return each gradient's results stacked, in
+    (N, C, *spatial) order. Returns None when a call fails or returns a gradient
+    that is missing or of another shape."""
+    names = gradients_for(item.case)
+    results: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for grad_output in stack:
+        single = dataclasses.replace(inputs, grad_output=grad_output)
+        request = build_request(item, single, gradients=True)
+        caches = (grad_outputs, catalogue_reference)
+        result, records = call_adapter(adapter, item, request, names, caches)
+        if records is not None or not isinstance(result, Result):
+            return None
+        for name in names:
+            value = getattr(result, name)
+            if not isinstance(value, np.ndarray):
+                return None
+            if name == "grad_input":
+                value = from_layout(value, item.case.layout)
+            results[name].append(np.asarray(value, dtype=np.float64))
+    try:
+        return {name: np.stack(values) for name, values in results.items()}
+    except ValueError:
+        return None
 
 
 def expected_values(
@@ -294,10 +342,16 @@ def judge_result(
     scheme: str,
     result: object,
     supplied: tuple[Inputs, np.ndarray] | None = None,
+    fresh: Callable[[], dict[str, np.ndarray] | None] | None = None,
 ) -> list[Record]:
     """Compare an adapter's gradients after each call with the reference: one
     record per quantity, for its worst call. The reference comes from `supplied`
     (inputs and grad_output stack) when set, else from the catalogue.
+
+    `fresh` returns the adapter's fresh single calls (fresh_calls). It is called
+    once a quantity fails, and the record's message then says whether every
+    call matches them (ending in error_model.FRESH_MATCH, a first-order error)
+    or which call does not (state kept between calls).
 
     As for second derivatives, results that are NaN throughout get `fail`, not
     `error`: a framework that keeps NaN from an earlier call is the defect this
@@ -321,6 +375,7 @@ def judge_result(
         calls = len(stack)
 
     records = []
+    singles = None
     for quantity, name in zip(quantities, names, strict=True):
         field = STEP_FIELDS[name]
         got = getattr(result, field)
@@ -360,5 +415,88 @@ def judge_result(
         record = record_comparison(item, quantity, comparison, result_dtype, eps, units)
         record.message = f"call {call + 1} of {calls}: {record.message}"
         record.compute_dtype = result.compute_dtype
+        if record.verdict == "fail" and fresh is not None:
+            if singles is None:
+                singles = fresh() or {}
+            note = fresh_note(
+                item,
+                quantity,
+                name,
+                scheme,
+                got,
+                singles,
+                reference.scales[name],
+                units,
+                x_shape,
+            )
+            record.message = f"{record.message}; {note}"
         records.append(record)
     return records
+
+
+def fresh_note(
+    item: Item,
+    quantity: str,
+    name: str,
+    scheme: str,
+    got: np.ndarray,
+    singles: dict[str, np.ndarray],
+    scales: np.ndarray,
+    units: str,
+    x_shape: tuple[int, ...],
+) -> str:
+    """Return whether each call's `got` matches the fresh single calls of
+    gradient `name` (their running sums in "accumulate") within the quantity's
+    budget: error_model.FRESH_MATCH, or the call that differs. `scales` are the
+    reference's scales of each call on its own."""
+    if name not in singles:
+        return "the fresh single backward calls for comparison failed"
+    expected = singles[name]
+    # Where the reference's scale is not finite (a NaN exact value), the calls are
+    # compared relative to the framework's own values.
+    with np.errstate(invalid="ignore"):
+        scales = np.where(np.isfinite(scales), scales, np.abs(expected))
+    if scheme == "accumulate":
+        # The framework's buffer rounds each sum of its own single results, so
+        # the scale bounds those roundings (accumulated_scale with the single
+        # results in place of the exact values), not only the reference's.
+        limit = error_model.budget(
+            name,
+            item.dtype,
+            error_model.budget_reduction_length(name, x_shape, item.operator),
+        )
+        with np.errstate(invalid="ignore", over="ignore"):
+            sums = np.cumsum(expected, axis=0)
+        scales = np.stack(
+            [
+                error_model.accumulated_scale(
+                    list(scales[: call + 1]),
+                    list(expected[: call + 1]),
+                    limit,
+                    units,
+                )
+                for call in range(len(expected))
+            ]
+        )
+        expected = sums
+    for call in range(len(expected)):
+        value = got[call]
+        if name == "grad_input":
+            value = from_layout(value, item.case.layout)
+        comparison = error_model.compare(
+            quantity,
+            value,
+            expected[call],
+            scales[call],
+            item.dtype,
+            x_shape,
+            units,
+            item.operator,
+        )
+        if not comparison.within_budget:
+            return (
+                f"call {call + 1} differs from a fresh single backward call with "
+                f"its grad_output by {comparison.error:.3g} u: state kept between "
+                "calls"
+            )
+    return error_model.FRESH_MATCH

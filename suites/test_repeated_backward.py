@@ -1,6 +1,6 @@
 """Repeated backward: one item per (implementation that declares backward
-schemes, device, dtype, case, execution mode, scheme), with the ids of the
-first-order items and the scheme appended.
+schemes, device, dtype, case, scheme), in the default execution mode, with the
+ids of the first-order items and the scheme appended.
 
 A "repeat" item runs one forward pass and REPEATS backward passes through it,
 each with its own grad_output and into fresh gradients; an "accumulate" item runs

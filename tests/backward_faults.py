@@ -147,6 +147,19 @@ class SavedXhatScaledInPlace(RepeatedKernel):
         return gradients
 
 
+class GradInputScaled(RepeatedKernel):
+    """grad_input 1.5 times the right value in every call, single or repeated: a
+    first-order defect that keeps no state between calls."""
+
+    def grad_input(self, *arguments):
+        return super().grad_input(*arguments) * F32(1.5)
+
+
+class GradInputScaledBuffersNotCleared(GradInputScaled, BuffersNotCleared):
+    """The first-order defect of GradInputScaled and the state leak of
+    BuffersNotCleared together."""
+
+
 FAULTS = (
     BuffersNotCleared,
     AccumulateOverwrites,

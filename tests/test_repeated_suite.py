@@ -22,6 +22,7 @@ from adapters.contract import (
     validate,
 )
 from suites import cases, deviations, dtypes, error_model, repeated_backward
+from suites.error_model import FRESH_MATCH
 from suites.verdicts import Item
 from tests import backward_faults as backward
 from tests.broken_adapters import Declares
@@ -312,8 +313,8 @@ def test_changed_grad_outputs_is_error():
     assert np.any(stack[1] != 0.0)
 
 
-def test_first_order_entry_covers_repeated_calls():
-    entry = deviations.Deviation(
+def _entry(quantities):
+    return deviations.Deviation(
         framework="numpy-repeated",
         versions=SpecifierSet(""),
         reason="a first-order grad_input defect",
@@ -321,19 +322,64 @@ def test_first_order_entry_covers_repeated_calls():
         date=datetime.date(2026, 12, 5),
         implementations=("kernel",),
         cases=("random-2d",),
-        quantities=("grad_input",),
+        quantities=quantities,
     )
-    record = {
+
+
+def _record(quantity, message):
+    return {
         "framework": "numpy-repeated",
         "implementation": "kernel",
         "device": "cpu",
         "dtype": "float32",
         "case": "random-2d",
-        "quantity": "accumulated_grad_input",
+        "quantity": quantity,
+        "verdict": "fail",
+        "message": message,
     }
-    assert entry.covers(record, np.__version__)
-    beta = {**record, "quantity": "accumulated_grad_beta"}
-    assert not entry.covers(beta, np.__version__)
+
+
+FIRST_ORDER_MESSAGE = f"call 2 of 3: accumulated_grad_input: ...; {FRESH_MATCH}"
+LEAK_MESSAGE = (
+    "call 2 of 3: accumulated_grad_input: ...; call 2 differs from a fresh single "
+    "backward call with its grad_output by 9 u: state kept between calls"
+)
+
+
+def test_first_order_entry_covers_fresh_match():
+    record = _record("accumulated_grad_input", FIRST_ORDER_MESSAGE)
+    assert _entry(("grad_input",)).covers(record, np.__version__)
+
+
+def test_first_order_entry_skips_other_gradient():
+    record = _record("accumulated_grad_beta", FIRST_ORDER_MESSAGE)
+    assert not _entry(("grad_input",)).covers(record, np.__version__)
+
+
+@pytest.mark.parametrize("quantities", [("grad_input",), None], ids=["named", "all"])
+def test_first_order_entry_skips_state_leak(quantities):
+    record = _record("accumulated_grad_input", LEAK_MESSAGE)
+    assert not _entry(quantities).covers(record, np.__version__)
+
+
+def test_entry_naming_repeated_quantity_covers_leak():
+    record = _record("accumulated_grad_input", LEAK_MESSAGE)
+    assert _entry(("accumulated_grad_input",)).covers(record, np.__version__)
+
+
+@pytest.mark.parametrize("scheme", BACKWARD_SCHEMES)
+def test_first_order_defect_matches_fresh_calls(scheme):
+    records = backward.run_case(backward.GradInputScaled(), "random-2d", scheme, 0)
+    record = records[f"{repeated_backward.PREFIXES[scheme]}_grad_input"]
+    assert record.verdict == "fail"
+    assert record.message.endswith(FRESH_MATCH), record.message
+
+
+def test_leak_beside_first_order_defect_named():
+    kernel = backward.GradInputScaledBuffersNotCleared()
+    record = backward.run_case(kernel, "random-2d", "repeat", 0)["repeated_grad_input"]
+    assert record.verdict == "fail"
+    assert "state kept between calls" in record.message
 
 
 ITEMS = "test_repeated_backward"
