@@ -1041,7 +1041,9 @@ def _failed_write(
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config):
     result = yield
     state = config.stash.get(state_key, None)
-    if state is not None and state.records:
+    # A run that recorded nothing still names the files it wrote.
+    writes = config.getoption("report") or config.getoption("update_deviations")
+    if state is not None and (state.records or writes):
         write_summary(terminalreporter, config, state, exitstatus)
     return result
 

@@ -772,3 +772,17 @@ def test_parallel_run_gives_serial_verdicts(tmp_path):
     assert parallel == serial
     assert {verdict for verdict, _ in serial.values()} >= {"pass", "fail", "error"}
     assert read_report(reports["parallel"])["run"]["complete"] is True
+
+
+def test_run_without_records_names_its_report(tmp_path):
+    report = tmp_path / "report.json"
+    completed = run_suite(
+        "--adapter=tests.faults:Float32Kernel",
+        "--cases=random-2d",
+        f"--report={report}",
+        "-k",
+        "no_test_has_this_name",
+    )
+    document = json.loads(report.read_text(encoding="utf-8"))
+    assert document["results"] == []
+    assert f"report: {report.resolve()}" in completed.stdout, completed.stdout[-2000:]
