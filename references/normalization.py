@@ -19,6 +19,15 @@ and the parameter gradients sum dy and dy * xhat over every axis but the channel
 All arithmetic is float64, whatever dtype the inputs arrive in. Degenerate slices follow
 IEEE arithmetic: a constant slice has var = 0, so with eps > 0 it gives xhat = 0 and
 y = beta, and with eps = 0 it gives rstd = inf and xhat = 0 * inf = NaN.
+
+A slice whose largest |x| reaches 2^SAFE_EXPONENT would overflow float64 in its sums
+and squares, although xhat, y and the parameter gradients are of ordinary size. Such
+a slice is computed on x / c, c a power of two that brings its largest |x| below
+2^SAFE_EXPONENT, with eps / c^2: xhat is the same, rstd is the scaled one divided
+by c, and so is dx. Dividing by a power of two is exact down to float64's
+subnormal range, so only values below 2^-1074 * c (at most 2^-450) lose bits, a
+negligible part of a slice whose largest value is 2^400 or more. Other slices get
+c = 1 and the plain formulas.
 """
 
 from __future__ import annotations
@@ -29,15 +38,33 @@ from dataclasses import dataclass
 import numpy as np
 
 CHANNEL_AXIS = 1
+# Slices whose largest finite |x| reaches 2^SAFE_EXPONENT are computed on x scaled
+# down by a power of two. The squares of the scaled values stay below 2^800, so
+# sums of them over any slice that fits in memory stay finite.
+SAFE_EXPONENT = 400
 
 
 @dataclass(frozen=True)
 class Statistics:
-    """Per-slice statistics, shaped to broadcast against x (reduced axes kept as 1)."""
+    """Per-slice statistics, shaped to broadcast against x (reduced axes kept as 1).
+
+    `scale` is the power of two c that the slice was divided by (1 for most), and
+    `scaled_rstd` is rstd * c, the rstd of x / c with eps / c^2. `var` is the
+    variance of x itself, which is inf where it exceeds float64's range.
+    """
 
     mean: np.ndarray
     var: np.ndarray
     rstd: np.ndarray
+    scale: np.ndarray | float = 1.0
+    scaled_rstd: np.ndarray | None = None
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """Return xhat = (x - mean) * rstd, computed on the scaled slice so that
+        x - mean cannot overflow."""
+        rstd = self.rstd if self.scaled_rstd is None else self.scaled_rstd
+        with np.errstate(invalid="ignore"):
+            return (x / self.scale - self.mean / self.scale) * rstd
 
 
 @dataclass(frozen=True)
@@ -77,9 +104,49 @@ def broadcast_parameter(
     return parameter.reshape(shape)
 
 
-def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
-    """Compute the two-pass mean, biased variance and rstd over the given axes."""
+def slice_scale(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Return, per slice over `axes` (kept as size 1), the power of two c >= 1 that
+    the reference divides the slice by: 1 unless its largest finite |x| reaches
+    2^SAFE_EXPONENT, else the power that brings it just below."""
     x = as_float64(x)
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(x)
+        finite = np.where(np.isfinite(magnitude), magnitude, 0.0)
+        peak = np.max(finite, axis=axes, keepdims=True, initial=0.0)
+    _, exponent = np.frexp(peak)
+    return np.ldexp(1.0, np.maximum(exponent - SAFE_EXPONENT, 0))
+
+
+def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
+    """Compute the two-pass mean, biased variance and rstd over the given axes,
+    on each slice scaled by slice_scale."""
+    x = as_float64(x)
+    scale = slice_scale(x, axes)
+    scaled = x / scale
+    mean, var, scaled_rstd = _scaled_statistics(scaled, eps / scale / scale, axes)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        rstd = scaled_rstd / scale
+        # A constant slice has var = 0, where eps / c^2 may have underflowed to 0:
+        # its rstd is 1 / sqrt(eps), whatever c.
+        # NOTE: rstd * c overflows where c / sqrt(eps) exceeds float64's range
+        # (c = 2^624 and eps below about 1e-241), and the xhat of such a constant
+        # slice is then NaN instead of 0.
+        constant = (var == 0) & (scale > 1)
+        rstd = np.where(constant, 1.0 / np.sqrt(eps), rstd)
+        scaled_rstd = np.where(constant, rstd * scale, scaled_rstd)
+        return Statistics(
+            mean=mean * scale,
+            var=var * scale * scale,
+            rstd=rstd,
+            scale=scale,
+            scaled_rstd=scaled_rstd,
+        )
+
+
+def _scaled_statistics(
+    x: np.ndarray, eps: float | np.ndarray, axes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the mean, biased variance and rstd of x over `axes` (kept as size 1)."""
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         # A slice with no elements (BatchNorm on an empty batch) has mean 0/0 =
         # NaN, as IEEE arithmetic gives; NumPy also warns about it.
@@ -95,7 +162,7 @@ def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
         var = np.mean(centered * centered, axis=axes, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         rstd = 1.0 / np.sqrt(var + eps)
-    return Statistics(mean=mean, var=var, rstd=rstd)
+    return mean, var, rstd
 
 
 def forward(
@@ -112,7 +179,7 @@ def forward(
     stats = statistics(x, eps, axes)
 
     with np.errstate(invalid="ignore"):
-        xhat = (x - stats.mean) * stats.rstd
+        xhat = stats.normalize(x)
         output = broadcast_parameter(gamma, x.ndim, spans) * xhat + broadcast_parameter(
             beta, x.ndim, spans
         )
@@ -152,14 +219,17 @@ def backward(
     dy = as_float64(grad_output)
     if fwd is None:
         fwd = forward(x, gamma, np.zeros_like(as_float64(gamma)), eps, axes, spans)
-    xhat, rstd = fwd.xhat, fwd.stats.rstd
+    xhat, stats = fwd.xhat, fwd.stats
+    rstd = stats.rstd if stats.scaled_rstd is None else stats.scaled_rstd
     m = reduction_length(x.shape, axes)
 
     with np.errstate(invalid="ignore"):
         g = broadcast_parameter(gamma, x.ndim, spans) * dy
         sum_g = np.sum(g, axis=axes, keepdims=True)
         sum_g_xhat = np.sum(g * xhat, axis=axes, keepdims=True)
-        grad_input = rstd / m * (m * g - sum_g - xhat * sum_g_xhat)
+        # rstd of the scaled slice, then the division by its scale c: one rounding
+        # where the true rstd is subnormal.
+        grad_input = rstd / m * (m * g - sum_g - xhat * sum_g_xhat) / stats.scale
 
         shared = parameter_axes(x.ndim, spans)
         shape = np.shape(gamma)

@@ -61,7 +61,7 @@ def double_backward(
 
     with np.errstate(invalid="ignore", over="ignore"):
         r = stats.rstd
-        xhat = (x - stats.mean) * r
+        xhat = stats.normalize(x)
         g = gamma_b * dy
         a, b, c = per_slice(v * g), per_slice(v), per_slice(g)
         d, e = per_slice(v * xhat), per_slice(g * xhat)

@@ -233,13 +233,12 @@ def scales(
     with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
         # An empty slice (BatchNorm on an empty batch) has a NaN mean.
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean_abs = np.mean(np.abs(x), axis=axes, keepdims=True)
-        s = (np.abs(x) + mean_abs) * expected.rstd
+        s, mean_abs_rstd = centering_scales(x, axes, expected.rstd)
         # A slice whose values are all equal has an exact mean in any kernel that
         # keeps the mean of equal values equal to them, so x - mean and xhat are
         # exactly 0 there: no error of the mean or of xhat is allowed for it.
         constant = constant_slices(x, axes)
-        mean_abs = np.where(constant, 0.0, mean_abs)
+        mean_abs_rstd = np.where(constant, 0.0, mean_abs_rstd)
         s = np.where(constant, 0.0, s)
         abs_g = abs_gamma * np.abs(dy)
         sum_abs_g = np.sum(abs_g, axis=axes, keepdims=True)
@@ -255,7 +254,9 @@ def scales(
             "output": abs_gamma * s + abs_beta,
             "grad_input": expected.rstd / m * (m * abs_g + sum_abs_g + product_scale),
         }
-        result.update(parameter_scale_parts(dy, expected, s, mean_abs, axes, shared))
+        result.update(
+            parameter_scale_parts(dy, expected, s, mean_abs_rstd, axes, shared)
+        )
         for quantity in ("grad_gamma", "grad_beta"):
             result[quantity] = parameter_scale(
                 result[f"{quantity}_sum"], result[f"{quantity}_squares"]
@@ -287,6 +288,23 @@ def accumulated_scale(
         return total + (len(step_scales) - 1) / limit * magnitude
 
 
+def centering_scales(
+    x: np.ndarray, axes: tuple[int, ...], rstd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return s = (|x| + mean(|x|)) * rstd per element and mean(|x|) * rstd per
+    slice over `axes`: the relative sizes of the errors of x - mean and of the
+    mean. Each slice is divided by its normalization.slice_scale first, so that
+    mean(|x|) of values near float64's largest cannot overflow."""
+    scale = normalization.slice_scale(x, axes)
+    with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
+        # An empty slice (BatchNorm on an empty batch) has a NaN mean.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scaled_rstd = rstd * scale
+        abs_scaled = np.abs(x / scale)
+        mean_abs = np.mean(abs_scaled, axis=axes, keepdims=True)
+        return (abs_scaled + mean_abs) * scaled_rstd, mean_abs * scaled_rstd
+
+
 def constant_slices(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Return True per slice (keepdims over `axes`) whose elements are all equal
     and finite; an empty slice is not constant."""
@@ -303,7 +321,7 @@ def parameter_scale_parts(
     dy: np.ndarray,
     expected: Expected,
     s: np.ndarray,
-    mean_abs: np.ndarray,
+    mean_abs_rstd: np.ndarray,
     axes: tuple[int, ...],
     shared: tuple[int, ...],
 ) -> dict[str, np.ndarray]:
@@ -326,7 +344,7 @@ def parameter_scale_parts(
         # One error per slice, from the slice's mean (about mean|x| relative) and
         # its rstd, reaches every element of the slice alike, so its effect on the
         # sum is that error times the slice's sum, not times sum(|dy|).
-        systematic = np.abs(slice_dy) * mean_abs * expected.rstd + np.abs(slice_dy_xhat)
+        systematic = np.abs(slice_dy) * mean_abs_rstd + np.abs(slice_dy_xhat)
         dy_s = dy * s
         return {
             "grad_gamma_sum": np.sum(systematic, axis=shared),
@@ -391,7 +409,11 @@ def running_scales(
     ):
         # An empty batch has a NaN mean.
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean_abs = np.mean(np.abs(x), axis=axes)
+        # Divided by a power of two per channel first, so that the mean of
+        # values near float64's largest does not overflow.
+        scale = normalization.slice_scale(x, axes)
+        mean_abs = np.mean(np.abs(x / scale), axis=axes, keepdims=True) * scale
+        mean_abs = mean_abs.reshape(-1)
         variance = np.abs(batch_var) + math.sqrt(max(length, 1)) * unit * mean_abs**2
         old = 1.0 - new_weight
         return {
@@ -490,8 +512,14 @@ def second_order_scales(
         r = expected.rstd
         xhat = expected.xhat
         abs_xhat = np.abs(xhat)
-        mean_abs = np.mean(np.abs(x), axis=axes, keepdims=True)
-        s = (np.abs(x) + mean_abs) * r
+        s, mean_abs_rstd = centering_scales(x, axes, r)
+        # On a constant slice near float64's largest (x * rstd beyond float64),
+        # x - mean is exact in a kernel that keeps the mean of equal values
+        # equal to them, as the first-order scales assume for every constant
+        # slice.
+        constant = constant_slices(x, axes) & ~np.isfinite(mean_abs_rstd)
+        s = np.where(constant, 0.0, s)
+        mean_abs_rstd = np.where(constant, 0.0, mean_abs_rstd)
         abs_v = np.abs(v)
         abs_g = abs_gamma * np.abs(dy)
 
@@ -522,7 +550,7 @@ def second_order_scales(
 
         shared = normalization.parameter_axes(ndim, spans)
         total, squares = _second_order_gamma_parts(
-            x, dy, v, xhat, r, s, mean_abs, axes, shared
+            x, dy, v, xhat, r, s, mean_abs_rstd, axes, shared
         )
     return {
         "grad2_input": grad2_input,
@@ -538,7 +566,7 @@ def _second_order_gamma_parts(
     xhat: np.ndarray,
     r: np.ndarray,
     s: np.ndarray,
-    mean_abs: np.ndarray,
+    mean_abs_rstd: np.ndarray,
     axes: tuple[int, ...],
     shared: tuple[int, ...],
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -568,7 +596,7 @@ def _second_order_gamma_parts(
     d_signed = per_slice(v * xhat)
     w = r / m * (m * v - per_slice(v) - xhat * d_signed)
     systematic = np.abs(within(dy * w)) + r / m * (
-        np.abs(within(dy)) * (sum_v + mean_abs * r * np.abs(d_signed))
+        np.abs(within(dy)) * (sum_v + mean_abs_rstd * np.abs(d_signed))
         + np.abs(within(dy * xhat)) * per_slice(abs_v * s)
     )
     independent = dy * r / m * (m * abs_v + sum_v + s * per_slice(abs_v * np.abs(xhat)))
@@ -632,7 +660,11 @@ def normalized_errors(
         np.abs(errors, out=errors)
         np.subtract(errors, allowance, out=errors)
         np.maximum(errors, 0.0, out=errors)
-        errors /= np.multiply(scale, unit)
+        # Divided by the scale first: scale * u underflows to 0 where the scale
+        # is near float64's smallest normal number (a float64 grad_input on
+        # values near float64's largest), which would make every error infinite.
+        errors /= scale
+        errors /= unit
     special = ~np.isfinite(errors)
     if special.any():
         where = np.nonzero(special)

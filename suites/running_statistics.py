@@ -106,13 +106,24 @@ def quantities_for(case: Case, mode: str, gradients: bool = True) -> tuple[str, 
     return ("inference_output", "inference_grad_input")
 
 
-def unposed_reason(case: Case) -> str | None:
-    """Return why the case gets no running-statistics items, or None if it does."""
+def unposed_reason(case: Case, mode: str = "training") -> str | None:
+    """Return why the case gets no running-statistics items in `mode`, or None
+    if it does."""
     if case.large:
         return (
             f"running statistics are judged on whole inputs, and case {case.name} "
             f"has {case.elements} elements, beyond the {cases.CHUNK_ELEMENTS} of "
             "a whole reference"
+        )
+    if mode == "inference" and case.x.max_abs() >= 2.0**normalization.SAFE_EXPONENT:
+        # Inference divides x - running_mean by sqrt(running_var + eps) for
+        # running values of order 1, so xhat is as large as x, and the float64
+        # sums of dy * xhat (grad_gamma) and of their squares (its scale)
+        # overflow, giving inf - inf = NaN where the exact sum is finite.
+        return (
+            f"x of case {case.name} reaches 2^{normalization.SAFE_EXPONENT} in "
+            "magnitude, and inference with running statistics of order 1 keeps "
+            "xhat as large, so the float64 reference's sums of dy * xhat overflow"
         )
     return None
 
@@ -307,7 +318,11 @@ def build_running_request(
 
 
 def unsupported_reason(
-    adapter: object, implementation: Implementation, device: Device, item: Item
+    adapter: object,
+    implementation: Implementation,
+    device: Device,
+    item: Item,
+    mode: str = "training",
 ) -> str | None:
     """Return why the running-statistics item cannot run, or None when it runs:
     the implementation keeps no running statistics, the first-order item cannot
@@ -318,7 +333,7 @@ def unsupported_reason(
             f"implementation {implementation.name} keeps no running statistics"
         )
     reason = first_order_unsupported_reason(adapter, implementation, device, item)
-    return reason or unposed_reason(item.case)
+    return reason or unposed_reason(item.case, mode)
 
 
 def unsupported_records(item: Item, mode: str, reason: str) -> list[Record]:

@@ -28,7 +28,7 @@ def test_running_statistics(
     command = rerun_command(request, target)
     try:
         reason = running_statistics.unsupported_reason(
-            target.adapter, target.implementation, target.device, item
+            target.adapter, target.implementation, target.device, item, mode
         )
     except AdapterMethodError as error:
         records = running_statistics.error_records(item, mode, str(error))

@@ -1,11 +1,12 @@
-"""NumPy adapters for the suite's own tests: three correct, the rest with real defects.
+"""NumPy adapters for the suite's own tests: four correct, the rest with real defects.
 
 `Float32Kernel` computes InstanceNorm the way a careful float32 kernel does: every
 array and intermediate is float32, the variance is two-pass, and the input gradient
 uses the compact formula. `SerialSumKernel` is the same with every sum accumulated
-one element at a time, and `Float16Kernel` takes and returns float16 while computing
-in float32. Each faulty kernel changes one step of one of them to a defect that has
-shipped in real kernels, and is judged in the one dtype it accepts (its `dtype`).
+one element at a time, `Float16Kernel` takes and returns float16 while computing
+in float32, and `Float64Kernel` runs the same steps in float64. Each faulty kernel
+changes one step of one of them to a defect that has shipped in real kernels, and is
+judged in the one dtype it accepts (its `dtype`).
 The suite must pass the correct kernels on every case and give each faulty one
 `fail` on the cases that expose its defect.
 
@@ -144,6 +145,8 @@ class Float32Kernel(NumpyKernel):
     """A correct float32 InstanceNorm in NumPy (two-pass variance, compact dx)."""
 
     framework = "numpy-float32"
+    # The dtype of every array and intermediate.
+    working = F32
 
     def implementations(self) -> Sequence[Implementation]:
         description = (type(self).__doc__ or self.framework).splitlines()[0]
@@ -157,43 +160,47 @@ class Float32Kernel(NumpyKernel):
         return axes
 
     def mean(self, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-        return np.mean(x, axis=axes, keepdims=True, dtype=F32)
+        return np.mean(x, axis=axes, keepdims=True, dtype=self.working)
 
     def variance(self, x: np.ndarray, mean: np.ndarray, axes) -> np.ndarray:
         centered = x - mean
-        return np.mean(centered * centered, axis=axes, keepdims=True, dtype=F32)
+        return np.mean(
+            centered * centered, axis=axes, keepdims=True, dtype=self.working
+        )
 
     def rstd(self, var: np.ndarray, eps: float) -> np.ndarray:
         with np.errstate(divide="ignore"):
-            return F32(1.0) / np.sqrt(var + F32(eps))
+            return self.working(1.0) / np.sqrt(var + self.working(eps))
 
     def grad_input(self, dy, gamma, xhat, rstd, m, axes) -> np.ndarray:
         g = gamma * dy
-        sum_g = np.sum(g, axis=axes, keepdims=True, dtype=F32)
-        sum_g_xhat = np.sum(g * xhat, axis=axes, keepdims=True, dtype=F32)
-        return rstd / F32(m) * (F32(m) * g - sum_g - xhat * sum_g_xhat)
+        sum_g = np.sum(g, axis=axes, keepdims=True, dtype=self.working)
+        sum_g_xhat = np.sum(g * xhat, axis=axes, keepdims=True, dtype=self.working)
+        m = self.working(m)
+        return rstd / m * (m * g - sum_g - xhat * sum_g_xhat)
 
     def parameter_gradients(self, dy, xhat, shared) -> tuple[np.ndarray, np.ndarray]:
-        grad_gamma = np.sum(dy * xhat, axis=shared, dtype=F32)
-        grad_beta = np.sum(dy, axis=shared, dtype=F32)
+        grad_gamma = np.sum(dy * xhat, axis=shared, dtype=self.working)
+        grad_beta = np.sum(dy, axis=shared, dtype=self.working)
         return grad_gamma, grad_beta
 
     def run(self, request: Request) -> Result:
-        x = np.asarray(request.x, dtype=F32)
+        working = self.working
+        x = np.asarray(request.x, dtype=working)
         # Channels-last input is reduced over its middle axes, with no transposes.
         channel_axis = 1 if request.layout == "channels_first" else x.ndim - 1
         channels = x.shape[channel_axis]
         shape = [1] * x.ndim
         shape[channel_axis] = channels
         gamma = (
-            np.asarray(request.gamma, dtype=F32)
+            np.asarray(request.gamma, dtype=working)
             if request.affine
-            else np.ones(channels, F32)
+            else np.ones(channels, working)
         )
         beta = (
-            np.asarray(request.beta, dtype=F32)
+            np.asarray(request.beta, dtype=working)
             if request.affine
-            else np.zeros(channels, F32)
+            else np.zeros(channels, working)
         )
         gamma_b, beta_b = gamma.reshape(shape), beta.reshape(shape)
         axes = tuple(axis for axis in range(1, x.ndim) if axis != channel_axis)
@@ -205,11 +212,11 @@ class Float32Kernel(NumpyKernel):
             xhat, rstd = statistics.xhat, statistics.rstd
             output = gamma_b * xhat + beta_b
 
-            result = Result(output=output, dtype="float32")
+            result = Result(output=output, dtype=np.dtype(working).name)
             if not request.gradients:
                 return result
 
-            dy = np.asarray(request.grad_output, dtype=F32)
+            dy = np.asarray(request.grad_output, dtype=working)
             result.grad_input = statistics.unscale(
                 self.grad_input(dy, gamma_b, xhat, rstd, m, statistics_axes)
             )
@@ -478,6 +485,23 @@ class Float16Kernel(Float32Kernel):
                     setattr(result, name, value.astype(F16))
         result.dtype = "float16"
         return result
+
+
+class Float64Kernel(Float32Kernel):
+    """A correct float64 kernel: Float32Kernel's steps in float64, slices beyond
+    2^SCALE_LIMIT scaled by a power of two as there."""
+
+    framework = "numpy-float64"
+    dtype = "float64"
+    working = np.float64
+
+
+class UnscaledFloat64Kernel(Float64Kernel):
+    """Float64Kernel without the scaling of large slices, as a plain float64 kernel
+    computes: the sums and squares of values near float64's largest overflow."""
+
+    framework = "fault-float64-unscaled"
+    scales_large_slices = False
 
 
 class Float16SumOfSquares(Float16Kernel):

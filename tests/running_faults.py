@@ -287,7 +287,7 @@ def run_case(
         case.operator(operator),
     )
     reason = running_statistics.unsupported_reason(
-        adapter, implementation, device, item
+        adapter, implementation, device, item, mode
     )
     if reason is not None:
         records = running_statistics.unsupported_records(item, mode, reason)
