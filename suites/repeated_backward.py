@@ -425,7 +425,7 @@ def judge_result(
                 scheme,
                 got,
                 singles,
-                reference.scales[name],
+                reference,
                 units,
                 x_shape,
             )
@@ -441,17 +441,39 @@ def fresh_note(
     scheme: str,
     got: np.ndarray,
     singles: dict[str, np.ndarray],
-    scales: np.ndarray,
+    reference: Reference,
     units: str,
     x_shape: tuple[int, ...],
 ) -> str:
     """Return whether each call's `got` matches the fresh single calls of
     gradient `name` (their running sums in "accumulate") within the quantity's
-    budget: error_model.FRESH_MATCH, or the call that differs. `scales` are the
-    reference's scales of each call on its own."""
+    budget: error_model.FRESH_MATCH, or the call that differs.
+
+    The fresh calls run in the same process after the repeated ones, so a result
+    kept across requests (a cache keyed on the input alone) reaches them too. Two
+    fresh calls that return the same gradient, with a finite nonzero element, for
+    grad_outputs whose exact gradients differ show such a cache, and the note
+    says so instead. (A gradient that is all NaN or all zero whatever the
+    grad_output is a first-order defect.)"""
     if name not in singles:
         return "the fresh single backward calls for comparison failed"
     expected = singles[name]
+    scales, exact = reference.scales[name], reference.exact[name]
+    for later in range(1, len(expected)):
+        for earlier in range(later):
+            value = expected[later]
+            informative = bool(np.any(np.isfinite(value) & (value != 0)))
+            same = np.array_equal(expected[earlier], value, equal_nan=True)
+            if (
+                informative
+                and same
+                and not np.array_equal(exact[earlier], exact[later], equal_nan=True)
+            ):
+                return (
+                    f"fresh single calls {earlier + 1} and {later + 1} return the "
+                    "same gradient for different grad_outputs: a result kept from "
+                    "an earlier request, state kept between calls"
+                )
     # Where the reference's scale is not finite (a NaN exact value), the calls are
     # compared relative to the framework's own values.
     with np.errstate(invalid="ignore"):

@@ -147,6 +147,27 @@ class SavedXhatScaledInPlace(RepeatedKernel):
         return gradients
 
 
+class GradOutputCachedAcrossRequests(RepeatedKernel):
+    """Every backward call, single or repeated, computes from the first
+    grad_output this adapter ever received for that shape (a process-wide cache
+    keyed on the shape alone). A fresh single call of a later request sees the
+    same cache, so comparing with fresh calls alone cannot tell it from a
+    first-order defect."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_dy: dict[tuple[int, ...], np.ndarray] = {}
+
+    def cached(self, dy):
+        return self.first_dy.setdefault(dy.shape, dy.copy())
+
+    def grad_input(self, dy, *arguments):
+        return super().grad_input(self.cached(dy), *arguments)
+
+    def parameter_gradients(self, dy, xhat, shared):
+        return super().parameter_gradients(self.cached(dy), xhat, shared)
+
+
 class GradInputScaled(RepeatedKernel):
     """grad_input 1.5 times the right value in every call, single or repeated: a
     first-order defect that keeps no state between calls."""

@@ -432,3 +432,12 @@ def test_faulty_run_fails_its_scheme(tmp_path):
         "accumulated_grad_gamma",
         "accumulated_grad_beta",
     }
+
+
+@pytest.mark.parametrize("scheme", BACKWARD_SCHEMES)
+def test_cache_across_requests_named(scheme):
+    kernel = backward.GradOutputCachedAcrossRequests()
+    records = backward.run_case(kernel, "random-2d", scheme, 0)
+    record = records[f"{repeated_backward.PREFIXES[scheme]}_grad_input"]
+    assert record.verdict == "fail"
+    assert "kept from an earlier request" in record.message, record.message
