@@ -125,20 +125,18 @@ def statistics(x: np.ndarray, eps: float, axes: tuple[int, ...]) -> Statistics:
     scaled = x / scale
     mean, var, scaled_rstd = _scaled_statistics(scaled, eps / scale / scale, axes)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        rstd = scaled_rstd / scale
-        # A constant slice has var = 0, where eps / c^2 may have underflowed to 0:
-        # its rstd is 1 / sqrt(eps), whatever c.
-        # NOTE: rstd * c overflows where c / sqrt(eps) exceeds float64's range
-        # (c = 2^624 and eps below about 1e-241), and the xhat of such a constant
-        # slice is then NaN instead of 0.
+        mean = mean * scale
+        # A constant slice has var = 0, where eps / c^2 may have underflowed to 0.
+        # Its x - mean is exactly 0 without scaling, so it keeps c = 1 and rstd
+        # = 1 / sqrt(eps), which rstd * c could push beyond float64's range.
         constant = (var == 0) & (scale > 1)
-        rstd = np.where(constant, 1.0 / np.sqrt(eps), rstd)
-        scaled_rstd = np.where(constant, rstd * scale, scaled_rstd)
+        rstd = np.where(constant, 1.0 / np.sqrt(eps), scaled_rstd / scale)
+        scaled_rstd = np.where(constant, rstd, scaled_rstd)
         return Statistics(
-            mean=mean * scale,
+            mean=mean,
             var=var * scale * scale,
             rstd=rstd,
-            scale=scale,
+            scale=np.where(constant, 1.0, scale),
             scaled_rstd=scaled_rstd,
         )
 

@@ -47,14 +47,22 @@ def test_scaled_gradients_match_scale_invariance():
     )
 
 
-def test_constant_slice_near_max_gives_beta():
+@pytest.mark.parametrize("eps", [1e-5, 1e-250])
+def test_constant_slice_near_max_gives_beta(eps):
+    # eps = 1e-250 makes 2^622 / sqrt(eps), rstd on the scaled slice, overflow.
     x = np.full((1, 2, 13), 1.7e308 / 3)
     dy = np.arange(26.0).reshape(x.shape)
-    expected = INSTANCE_NORM.evaluate(x, np.ones(2), np.full(2, 0.5), dy, 1e-5)
+    expected = INSTANCE_NORM.evaluate(x, np.ones(2), np.full(2, 0.5), dy, eps)
     assert np.all(expected.output == 0.5)
     # dx = gamma * (dy - mean(dy)) / sqrt(eps) on a constant slice.
-    exact = (dy - dy.mean(axis=2, keepdims=True)) / np.sqrt(1e-5)
+    exact = (dy - dy.mean(axis=2, keepdims=True)) / np.sqrt(eps)
     np.testing.assert_allclose(expected.grad_input, exact, rtol=1e-14)
+
+
+def test_constant_slice_near_max_eps0_is_nan():
+    x = np.full((1, 1, 13), 1.7e308 / 3)
+    expected = INSTANCE_NORM.evaluate(x, np.ones(1), np.zeros(1), np.ones_like(x), 0.0)
+    assert np.all(np.isnan(expected.output))
 
 
 def test_slice_scale_is_one_below_limit():
