@@ -91,9 +91,9 @@ DEFAULT_MODE = "default"
 # references.running_stats.CONVENTIONS, which defines each.
 RUNNING_CONVENTIONS = ("torch", "keras", "mxnet", "onnx", "tf-fused")
 
-# The schemes of several backward calls for one input (suites/repeated_backward.py):
+# The schemes of several backward calls for one input (suites/repeated_backward.py).
 # "repeat" runs one forward pass and K backward passes through its graph, each into
-# fresh gradients; "accumulate" runs K forward and backward steps whose gradients
+# fresh gradients. "accumulate" runs K forward and backward steps whose gradients
 # the framework adds into the same buffers.
 BACKWARD_SCHEMES = ("repeat", "accumulate")
 

@@ -482,7 +482,8 @@ KERAS_COMPILED_SCOPE = (
 )
 
 
-# Why the implementations run the backward scheme "repeat" and not "accumulate".
+# The reason the implementations run the backward scheme "repeat" and not
+# "accumulate".
 NO_ACCUMULATE = (
     f"TensorFlow {tf.__version__} has no accumulate mode: tf.GradientTape.gradient "
     "returns new tensors on each call and keeps no gradient buffers to add "
@@ -814,6 +815,7 @@ class _Computation:
                 if name in inputs:
                     tape.watch(inputs[name])
             computed = self._forward(inputs)
+
         sources = {
             "grad_input_steps": inputs["x"],
             "grad_gamma_steps": computed.gamma,
@@ -822,6 +824,7 @@ class _Computation:
         present = {
             name: source for name, source in sources.items() if source is not None
         }
+
         calls = []
         # The number of calls is the static first dimension of grad_outputs, so a
         # traced function unrolls this loop into that many gradient graphs.
@@ -834,6 +837,7 @@ class _Computation:
                 )
             )
         del tape
+
         outputs: dict[str, tf.Tensor | None] = {"output": computed.output}
         for index, name in enumerate(present):
             outputs[name] = tf.stack([gradients[index] for gradients in calls])

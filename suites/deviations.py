@@ -158,10 +158,11 @@ class Deviation:
 
     def _covers_quantity(self, record: dict) -> bool:
         """Return True if the entry selects the record's quantity. A repeated or
-        accumulated quantity is selected by its own name, or through its
-        first-order gradient (named, or every quantity) unless it failed with a
-        message that does not end in FRESH_MATCH: a rejection or a crash is the
-        first-order one, but a failure may be state kept between calls."""
+        accumulated quantity is selected by its own name. It is also selected
+        through its first-order gradient (named, or every quantity), unless it
+        failed with a message that does not end in FRESH_MATCH. A rejection or a
+        crash is the first-order one, but a failure may be state kept between
+        calls."""
         quantity = record["quantity"]
         base = BASE_QUANTITY.get(quantity)
         if base is None:

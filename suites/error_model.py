@@ -271,7 +271,7 @@ def accumulated_scale(
     units: str,
 ) -> np.ndarray:
     """Return the scale of a gradient that K backward calls added up, from each
-    call's scale and exact value; `limit` is the budget (u) of one call's
+    call's scale and exact value. `limit` is the budget (u) of one call's
     gradient, and `units` the dtype whose roundoff u measures errors.
 
     Each call's gradient g_k is off by at most limit * u * S_k. Adding K of them

@@ -70,7 +70,7 @@ from suites.verdicts import unsupported_reason as first_order_unsupported_reason
 REPEATS = 3
 # The record's quantity prefix of each scheme.
 PREFIXES = {"repeat": "repeated", "accumulate": "accumulated"}
-# The first-order gradients and the Result field that holds each one's steps.
+# The first-order gradients, and the Result field that contains each one's steps.
 GRADIENTS = ("grad_input", "grad_gamma", "grad_beta")
 STEP_FIELDS = {name: f"{name}_steps" for name in GRADIENTS}
 
@@ -349,7 +349,7 @@ def judge_result(
     (inputs and grad_output stack) when set, else from the catalogue.
 
     `fresh` returns the adapter's fresh single calls (fresh_calls). It is called
-    once a quantity fails, and the record's message then says whether every
+    once a quantity fails, and the record's message then states whether every
     call matches them (ending in error_model.FRESH_MATCH, a first-order error)
     or which call does not (state kept between calls).
 
@@ -453,7 +453,7 @@ def fresh_note(
     kept across requests (a cache keyed on the input alone) reaches them too. Two
     fresh calls that return the same gradient, with a finite nonzero element, for
     grad_outputs whose exact gradients differ show such a cache, and the note
-    says so instead. (A gradient that is all NaN or all zero whatever the
+    names it instead. (A gradient that is all NaN or all zero whatever the
     grad_output is a first-order defect.)"""
     if name not in singles:
         return "the fresh single backward calls for comparison failed"

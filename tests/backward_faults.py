@@ -3,9 +3,9 @@ rest with defects of the kind that leak state from one call to the next, for the
 tests of the repeated-backward suite.
 
 `RepeatedKernel` computes InstanceNorm in float32 as tests.faults.Float32Kernel
-does, but as a framework with a graph does: its forward pass keeps xhat and rstd
-as saved state, each backward call reads that state and its own grad_output, and
-its gradient buffers are cleared before a call ("repeat") or added to by it
+does, but keeps state as a framework with a graph does. Its forward pass saves
+xhat and rstd, and each backward call reads them and its own grad_output. Its
+gradient buffers are cleared before a call ("repeat") or added to by it
 ("accumulate"). Each faulty kernel changes one of those steps. The suite must pass
 the correct kernel in both schemes and fail each faulty one where its defect
 shows.
@@ -150,9 +150,9 @@ class SavedXhatScaledInPlace(RepeatedKernel):
 class GradOutputCachedAcrossRequests(RepeatedKernel):
     """Every backward call, single or repeated, computes from the first
     grad_output this adapter ever received for that shape (a process-wide cache
-    keyed on the shape alone). A fresh single call of a later request sees the
-    same cache, so comparing with fresh calls alone cannot tell it from a
-    first-order defect."""
+    keyed on the shape alone). A fresh single call of a later request reads the
+    same cache, so the repeated calls match the fresh ones; the suite names it by
+    two fresh calls that return the same gradient for different grad_outputs."""
 
     def __init__(self):
         super().__init__()

@@ -1,6 +1,6 @@
 """The repeated-backward suite: the contract's fields, the grad_output stack, the
 scale of accumulated gradients, the kernels of tests/backward_faults.py in both
-directions, the reported input's exact answers, and a run through pytest."""
+directions, the reported input's exact values, and a run through pytest."""
 
 from __future__ import annotations
 
