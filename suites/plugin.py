@@ -14,6 +14,7 @@ import shlex
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from suites import (
     running_statistics,
 )
 from suites.second_order import select_targets
-from suites.verdicts import Item
+from suites.verdicts import AdapterMethodError, Item, item_inputs
 
 SUITES_DIR = Path(__file__).resolve().parent
 DEFAULT_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -795,6 +796,47 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     for missing in state.missing:
         lines.append(f"normconf: {missing.framework} not installed ({missing.reason})")
     return lines
+
+
+def judge_item(
+    request: pytest.FixtureRequest,
+    target: Target,
+    command: str,
+    reason: Callable[[], str | None],
+    error_records: Callable[[str], list],
+    unsupported_records: Callable[[str], list],
+    run: Callable[[], list],
+) -> None:
+    """Run one item of a suite that poses a further question of a catalogue item
+    (second derivatives, running statistics, repeated backward), record its
+    verdicts, and fail the test on a record that does not conform.
+
+    `reason` returns why the item cannot run, or None, and may raise
+    AdapterMethodError; the item then gets `error_records(message)` and fails,
+    or `unsupported_records(reason)` and is skipped. `run` returns the records
+    of an item that runs. No replay bundle is written, because a bundle contains
+    a first-order request only, without the further question.
+    """
+    try:
+        why = reason()
+    except AdapterMethodError as error:
+        records = error_records(str(error))
+        record_verdicts(request.node, target, records, command, None, False)
+        pytest.fail(str(error))
+    if why:
+        records = unsupported_records(why)
+        record_verdicts(request.node, target, records, command, None, False)
+        pytest.skip(why)
+
+    records = run()
+    inputs = item_inputs(target.item)
+    rows = record_verdicts(request.node, target, records, command, inputs, False)
+
+    overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in rows)
+    for row in rows:
+        assert row["conforming"], (
+            f"{row['message']}\n  all quantities: {overview}\n  rerun: {command}"
+        )
 
 
 def record_verdicts(

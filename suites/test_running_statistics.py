@@ -13,10 +13,9 @@ from __future__ import annotations
 import pytest
 
 from suites import running_statistics
-from suites.plugin import record_verdicts
+from suites.plugin import judge_item
 from suites.running_statistics import RunningTarget
 from suites.test_normalization import rerun_command
-from suites.verdicts import AdapterMethodError, item_inputs
 
 
 def test_running_statistics(
@@ -24,32 +23,22 @@ def test_running_statistics(
 ):
     target = running_target
     item, mode = target.item, target.mode
-
-    command = rerun_command(request, target)
-    try:
-        reason = running_statistics.unsupported_reason(
+    # No replay bundle, even with --replay-dir: a bundle cannot carry the running
+    # statistics and the mode.
+    judge_item(
+        request,
+        target,
+        rerun_command(request, target),
+        reason=lambda: running_statistics.unsupported_reason(
             target.adapter, target.implementation, target.device, item, mode
-        )
-    except AdapterMethodError as error:
-        records = running_statistics.error_records(item, mode, str(error))
-        record_verdicts(request.node, target, records, command, None, False)
-        pytest.fail(str(error))
-    if reason:
-        records = running_statistics.unsupported_records(item, mode, reason)
-        record_verdicts(request.node, target, records, command, None, False)
-        pytest.skip(reason)
-
-    records = running_statistics.run_item(
-        target.adapter, item, target.implementation, mode
+        ),
+        error_records=lambda message: running_statistics.error_records(
+            item, mode, message
+        ),
+        unsupported_records=lambda reason: running_statistics.unsupported_records(
+            item, mode, reason
+        ),
+        run=lambda: running_statistics.run_item(
+            target.adapter, item, target.implementation, mode
+        ),
     )
-    # NOTE: no replay bundle, even with --replay-dir: a bundle holds a
-    # first-order request, without the running statistics and the mode.
-    rows = record_verdicts(
-        request.node, target, records, command, item_inputs(item), False
-    )
-
-    overview = "; ".join(f"{r['quantity']} {r['verdict']}" for r in rows)
-    for row in rows:
-        assert row["conforming"], (
-            f"{row['message']}\n  all quantities: {overview}\n  rerun: {command}"
-        )
