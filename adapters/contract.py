@@ -51,7 +51,9 @@ the k-th with grad_outputs[k], each into fresh gradients. In the scheme
 into the same buffers, the framework's accumulate mode. It returns the
 gradients after each call, stacked, in `Result.grad_input_steps`,
 `grad_gamma_steps` and `grad_beta_steps`. `backward_schemes_reason` says why a
-scheme is missing.
+scheme is missing. An optional method
+`backward_scheme_reason(implementation, scheme, device, dtype)` returns why a
+declared scheme cannot run on a device or dtype, or None.
 """
 
 from __future__ import annotations

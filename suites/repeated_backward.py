@@ -54,6 +54,7 @@ from suites.verdicts import (
     build_request,
     call_adapter,
     check_array,
+    declared_reason,
     from_layout,
     item_inputs,
     layout_shape,
@@ -141,14 +142,24 @@ def unsupported_reason(
     scheme: str,
 ) -> str | None:
     """Return why the item cannot run, or None when it runs: the implementation
-    lacks the scheme, the first-order item cannot run, or the case is not posed.
-    Raises AdapterMethodError as suites.verdicts.unsupported_reason does."""
+    lacks the scheme, the first-order item cannot run, the case is not posed, or
+    the adapter's optional backward_scheme_reason(implementation, scheme, device,
+    dtype) gives a reason. Raises AdapterMethodError as
+    suites.verdicts.unsupported_reason does."""
     if scheme not in implementation.backward_schemes:
         return implementation.backward_schemes_reason or (
             f"implementation {implementation.name} has no backward scheme {scheme!r}"
         )
     reason = first_order_unsupported_reason(adapter, implementation, device, item)
-    return reason or unposed_reason(item.case)
+    reason = reason or unposed_reason(item.case)
+    return reason or declared_reason(
+        adapter,
+        "backward_scheme_reason",
+        item.implementation,
+        scheme,
+        item.device,
+        item.dtype,
+    )
 
 
 @functools.lru_cache(maxsize=8)

@@ -608,11 +608,11 @@ def unsupported_reason(
             f"implementation {implementation.name} accepts {layouts} input only, "
             f"not {item.case.layout}"
         )
-    reason = _declared_reason(
+    reason = declared_reason(
         adapter, "unsupported_reason", item.implementation, item.device, item.dtype
     )
     if reason is None and item.execution_mode != DEFAULT_MODE:
-        reason = _declared_reason(
+        reason = declared_reason(
             adapter,
             "execution_mode_reason",
             item.implementation,
@@ -623,7 +623,7 @@ def unsupported_reason(
     return reason
 
 
-def _declared_reason(adapter: object, method: str, *arguments: str) -> str | None:
+def declared_reason(adapter: object, method: str, *arguments: str) -> str | None:
     """Return what the adapter's optional `method` says about the arguments: a
     reason, or None (also when the adapter has no such method)."""
     declared = getattr(adapter, method, None)

@@ -23,7 +23,7 @@ from adapters.contract import (
 )
 from suites import cases, deviations, dtypes, error_model, repeated_backward
 from suites.error_model import FRESH_MATCH
-from suites.verdicts import Item
+from suites.verdicts import AdapterMethodError, Item
 from tests import backward_faults as backward
 from tests.broken_adapters import Declares
 from tests.subprocess_runs import run_suite
@@ -98,6 +98,50 @@ def test_missing_scheme_is_unsupported_with_its_reason():
         adapter, implementation, device, item, "repeat"
     )
     assert runs is None
+
+
+class SchemeGaps(Declares):
+    """Declares both schemes and says accumulate cannot run in float16."""
+
+    def backward_scheme_reason(self, implementation, scheme, device, dtype):
+        if scheme == "accumulate" and dtype == "float16":
+            return f"{implementation} on {device}: no float16 buffers"
+        return None
+
+
+def test_scheme_reason_per_dtype_makes_items_unsupported():
+    implementation = Implementation("in", "", backward_schemes=BACKWARD_SCHEMES)
+    adapter = SchemeGaps(implementation)
+    device = Device("cpu")
+    reason = repeated_backward.unsupported_reason(
+        adapter, implementation, device, item_for("random-2d", "float16"), "accumulate"
+    )
+    assert reason == "kernel on cpu: no float16 buffers"
+    for dtype, scheme in [("float32", "accumulate"), ("float16", "repeat")]:
+        item = item_for("random-2d", dtype)
+        assert (
+            repeated_backward.unsupported_reason(
+                adapter, implementation, device, item, scheme
+            )
+            is None
+        )
+
+
+class BrokenSchemeReason(Declares):
+    def backward_scheme_reason(self, implementation, scheme, device, dtype):
+        return 3
+
+
+def test_scheme_reason_that_is_not_a_string_is_an_adapter_error():
+    implementation = Implementation("in", "", backward_schemes=BACKWARD_SCHEMES)
+    with pytest.raises(AdapterMethodError, match="backward_scheme_reason"):
+        repeated_backward.unsupported_reason(
+            BrokenSchemeReason(implementation),
+            implementation,
+            Device("cpu"),
+            item_for("random-2d"),
+            "repeat",
+        )
 
 
 def test_implementation_without_schemes_gets_no_items():
