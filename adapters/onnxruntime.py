@@ -26,19 +26,22 @@ training_mode = 0.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnxruntime
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from adapters.contract import (
+    BACKWARD_SCHEMES,
     CONTRACT_VERSION,
     DEFAULT_MODE,
     Adapter,
@@ -180,6 +183,10 @@ PROBE_CHANNELS = 3
 PROBE_EPS = 1e-5
 PROBE_GROUPS = 1
 PROBE_NORMALIZED_NDIM = 1
+# The x of the accumulate probe (OnnxRuntimeTrainingAdapter), whose graph has fixed
+# dimensions: a (2, 3, 4, 4) input.
+PROBE_BATCH = 2
+PROBE_SIZE = 4
 
 
 class DeviceFallbackError(Exception):
@@ -188,6 +195,11 @@ class DeviceFallbackError(Exception):
 
 class GradientBuilderError(Exception):
     """onnxruntime-training's gradient builder refused the model."""
+
+
+class TrainingApiError(Exception):
+    """onnxruntime-training's training API (artifacts, CheckpointState, Module)
+    refused the model or failed to run it."""
 
 
 @dataclass(frozen=True)
@@ -702,9 +714,8 @@ def _probe_provider(provider: str) -> str | None:
     # A provider whose libraries fail to load reports why only in onnxruntime's
     # default log on the process's stderr, so the probe captures that stream and
     # uses it as the device's reason.
-    with tempfile.TemporaryFile(mode="w+b") as log:
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
+    log: list[str] = []
+    with _captured_stderr(log):
         onnxruntime.set_default_logger_severity(LOG_WARNING)
         try:
             create_session(model, provider, PROBE_LOG_SEVERITY)
@@ -713,17 +724,30 @@ def _probe_provider(provider: str) -> str | None:
             problem = _provider_error_text(error)
         finally:
             onnxruntime.set_default_logger_severity(DEFAULT_LOG_SEVERITY)
-            os.dup2(saved, 2)
-            os.close(saved)
-        log.seek(0)
-        logged = log.read().decode(errors="replace")
     if problem is None:
         return None
-    causes = _logged_errors(logged)
+    causes = _logged_errors(log[0])
     return (
         f"{_package_description()} failed to create a session on {provider}: "
         f"{problem}" + (f"; onnxruntime logged: {causes}" if causes else "")
     )
+
+
+@contextlib.contextmanager
+def _captured_stderr(log: list[str]) -> Iterator[None]:
+    """Send what the process writes to file descriptor 2 (onnxruntime's C++ log
+    included) to a temporary file while the block runs, and append its text to
+    `log` afterwards, also when the block raises."""
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            log.append(captured.read().decode(errors="replace"))
 
 
 def _logged_errors(text: str) -> str:
@@ -1025,21 +1049,25 @@ class OnnxRuntimeAdapter(Adapter):
             self._support[key] = self._probe(implementation, device, dtype)
         return self._support[key]
 
-    def _probe(self, implementation: str, device: str, dtype: str) -> str | None:
-        spec = self._specs[implementation]
-        excluded = schema_reason(spec, dtype)
-        if excluded is not None:
-            return excluded
-        signature = self._signature(
+    def _probe_signature(self, spec: Spec, dtype: str, grads: bool) -> Signature:
+        """Return the signature of the support probes (see PROBE_RANK)."""
+        return self._signature(
             spec,
             dtype,
             PROBE_RANK,
             PROBE_EPS,
             PROBE_CHANNELS,
-            self._wants_gradients(spec),
+            grads,
             groups=PROBE_GROUPS,
             normalized_ndim=PROBE_NORMALIZED_NDIM,
         )
+
+    def _probe(self, implementation: str, device: str, dtype: str) -> str | None:
+        spec = self._specs[implementation]
+        excluded = schema_reason(spec, dtype)
+        if excluded is not None:
+            return excluded
+        signature = self._probe_signature(spec, dtype, self._wants_gradients(spec))
         try:
             self.session(spec, signature, device)
         except (*ORT_ERRORS, GradientBuilderError, DeviceFallbackError) as error:
@@ -1083,10 +1111,11 @@ class OnnxRuntimeAdapter(Adapter):
             feeds[f"{name}{suffix}"] = array
         return feeds
 
-    def run(self, request: Request) -> Result:
-        spec = self._specs[request.implementation]
-        grads = request.gradients and self._wants_gradients(spec)
-        signature = self._signature(
+    def _request_signature(
+        self, spec: Spec, request: Request, grads: bool
+    ) -> Signature:
+        """Return the graph signature of a request, with gradients if `grads`."""
+        return self._signature(
             spec,
             request.dtype,
             request.x.ndim - 2,
@@ -1098,6 +1127,11 @@ class OnnxRuntimeAdapter(Adapter):
             mode=request.mode if request.running_mean is not None else None,
             momentum=request.momentum,
         )
+
+    def run(self, request: Request) -> Result:
+        spec = self._specs[request.implementation]
+        grads = request.gradients and self._wants_gradients(spec)
+        signature = self._request_signature(spec, request, grads)
         names = ["x", "scale", "B"] + (["dy"] if grads else [])
         names += _running_inputs(signature)
         try:
@@ -1134,6 +1168,57 @@ class OnnxRuntimeAdapter(Adapter):
 # onnxruntime-training
 
 
+def _training_api() -> tuple[object, object]:
+    """Return onnxruntime-training's modules onnxruntime.training.artifacts and
+    onnxruntime.training.api, or raise TrainingApiError when they cannot be
+    imported. They are imported on first use, so that every other item runs
+    where that import fails: in 1.19.2, onnxruntime.training imports torch, and
+    raises ModuleNotFoundError without it."""
+    try:
+        return (
+            importlib.import_module("onnxruntime.training.artifacts"),
+            importlib.import_module("onnxruntime.training.api"),
+        )
+    except ImportError as error:
+        raise TrainingApiError(
+            f"importing onnxruntime.training failed: {_provider_error_text(error)}"
+        ) from error
+
+
+def _without_signature(text: str) -> str:
+    """Return an onnxruntime C++ exception's message without the function
+    signature that follows its source location: "FILE:LINE void f(int) const
+    MESSAGE" becomes "MESSAGE (at FILE:LINE)". Other text is returned as it is."""
+    location = re.match(r"(/\S+:\d+) ", text)
+    start = text.find("(", location.end()) if location else -1
+    if start < 0:
+        return text
+    # Skip each parenthesized group in a row: "operator()(int32_t, Ret&)" has two.
+    end, depth = start, 0
+    while end < len(text) and (depth > 0 or text[end] == "("):
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        end += 1
+    rest = re.sub(r"^ const\b", "", text[end:])
+    rest = re.sub(r"^ \[with [^\]]*\]", "", rest).strip()
+    return f"{rest} (at {location.group(1)})" if rest else text
+
+
+def _training_error_text(error: BaseException, log: list[str]) -> str:
+    """Return the training API's error with the errors onnxruntime logged."""
+    causes = _logged_errors(log[0]) if log else ""
+    text = f"{type(error).__name__}: {_without_signature(str(error))}"
+    return text + (f"; onnxruntime logged: {causes}" if causes else "")
+
+
+def _training_step(module: object, dy: np.ndarray) -> None:
+    """Run one forward and backward step of a training API Module on dy."""
+    try:
+        module(dy)
+    except (RuntimeError, *ORT_ERRORS) as error:
+        text = _training_error_text(error, [])
+        raise TrainingApiError(f"a training step raised {text}") from error
+
+
 class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
     """The same models run by the onnxruntime-training package, with gradients where
     its gradient builder supports the operator.
@@ -1146,6 +1231,13 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
     BatchNormInternal) and then gets a backward graph with outputs x_grad,
     scale_grad and B_grad, run in an ordinary InferenceSession. A training step
     with running statistics keeps running_mean and running_var among the outputs.
+
+    Repeated backward runs in both schemes. "repeat" runs the gradient session once
+    per grad_output. "accumulate" needs gradient buffers, which only the training
+    API (onnxruntime.training: generate_artifacts, CheckpointState, Module) keeps:
+    x, scale and B become the Module's parameters, and each training step adds
+    its gradients into their buffers. The training API runs in float32 on the CPU
+    provider only; `backward_scheme_reason` probes the rest.
 
     NOTE: onnxruntime-training 1.19.2 cannot differentiate BatchNormalization in
     inference mode. GradientGraphBuilder has no gradient for BatchNormalization
@@ -1176,6 +1268,7 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
         self._specs = {
             name: self._with_gradients(spec) for name, spec in self._specs.items()
         }
+        self._accumulate_support: dict[tuple[str, str, str], str | None] = {}
 
     def _gradient_reason(self, operator: str) -> str:
         return (
@@ -1190,29 +1283,172 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
         declared = replace(
             spec.implementation,
             description=spec.implementation.description
-            + "; gradients from GradientGraphBuilder",
+            + "; gradients from GradientGraphBuilder, and in the accumulate scheme "
+            "from the training API's Module with x, scale and B as its parameters",
             gradients=True,
             gradient_reason="",
-            backward_schemes=("repeat",),
-            backward_schemes_reason=self._no_accumulate(),
+            backward_schemes=BACKWARD_SCHEMES,
         )
         return Spec(spec.operator, spec.opset, declared)
 
-    @staticmethod
-    def _no_accumulate() -> str:
-        return (
-            f"onnxruntime-training {onnxruntime.__version__}'s GradientGraphBuilder "
-            "graph keeps no gradient buffers: each session run returns new x_grad, "
-            "scale_grad and B_grad outputs (the accumulating buffers belong to "
-            "onnxruntime.training.api.Module, which needs training artifacts this "
-            'adapter does not build). Repeated backward runs as "repeat": one '
-            "session run per grad_output, forward and backward together, since the "
-            "gradient graph cannot run its backward part alone"
+    def backward_scheme_reason(
+        self, implementation: str, scheme: str, device: str, dtype: str
+    ) -> str | None:
+        """Return why the scheme cannot run on the device in the dtype, or None.
+        "repeat" runs wherever the first-order gradients do. "accumulate" is
+        probed once per (implementation, device, dtype): the training API lacks
+        kernels and checkpoint types that the gradient graph alone does not
+        need."""
+        if scheme != "accumulate":
+            return None
+        key = (implementation, device, dtype)
+        if key not in self._accumulate_support:
+            self._accumulate_support[key] = self._probe_accumulate(*key)
+        return self._accumulate_support[key]
+
+    def _probe_accumulate(
+        self, implementation: str, device: str, dtype: str
+    ) -> str | None:
+        provider = self.provider(device)
+        if provider != CPU_PROVIDER:
+            return (
+                f"the adapter runs the training API's Module on {CPU_PROVIDER} "
+                "only: a Module, unlike an InferenceSession, does not say which "
+                f"provider ran its nodes, so a run on {provider} could not be "
+                "told from a silent fallback to the CPU"
+            )
+        spec = self._specs[implementation]
+        signature = self._probe_signature(spec, dtype, True)
+        shape = (PROBE_BATCH, PROBE_CHANNELS, *([PROBE_SIZE] * PROBE_RANK))
+        container = _container(dtype)
+        if signature.normalized_ndim is None:
+            parameter_shape = shape[1:2]
+        else:
+            parameter_shape = shape[-signature.normalized_ndim :]
+        suffix = "_in" if dtype == "bfloat16" else ""
+        parameters = {
+            f"x{suffix}": np.arange(np.prod(shape), dtype=container).reshape(shape),
+            f"scale{suffix}": np.ones(parameter_shape, container),
+            f"B{suffix}": np.zeros(parameter_shape, container),
+        }
+        try:
+            module, _ = self._accumulating_module(spec, signature, parameters)
+            _training_step(module, np.ones(shape, container))
+        except TrainingApiError as error:
+            return (
+                f"onnxruntime-training {onnxruntime.__version__}'s training API "
+                f"cannot accumulate the gradients of {implementation} (opset "
+                f"{spec.opset}) in {dtype}: {error}"
+            )
+        return None
+
+    def _accumulating_module(
+        self, spec: Spec, signature: Signature, parameters: dict[str, np.ndarray]
+    ) -> tuple[object, object]:
+        """Build training artifacts in which `parameters` (x, scale and B, keyed by
+        graph input name) are initializers that require gradients and dy stays a
+        graph input. Return the training API's Module for them on the CPU
+        provider, in training mode, and its CheckpointState. Raises
+        TrainingApiError with onnxruntime's message and the errors it logged."""
+        artifacts, api = _training_api()
+        model = build_model(
+            spec, signature, model_ir_version(spec.opset, self._newest_ir)
         )
+        graph = model.graph
+        kept = [value for value in graph.input if value.name not in parameters]
+        del graph.input[:]
+        graph.input.extend(kept)
+        graph.initializer.extend(
+            numpy_helper.from_array(array, name) for name, array in parameters.items()
+        )
+        log: list[str] = []
+        step = "generate_artifacts"
+        try:
+            # generate_artifacts builds its gradient graph with default session
+            # options, which log each graph transformation at the info level to
+            # stderr; the capture keeps that out of the run's output.
+            with tempfile.TemporaryDirectory() as directory, _captured_stderr(log):
+                # loss=None: the model's first output, sum(y * dy) cast to
+                # float32, is the loss. Only the training model is loaded: the
+                # eval model that generate_artifacts writes sets training_mode =
+                # 0 on BatchNormalization but keeps its three outputs, and
+                # onnxruntime refuses to load it.
+                artifacts.generate_artifacts(
+                    model,
+                    requires_grad=list(parameters),
+                    loss=None,
+                    artifact_directory=directory,
+                )
+                step = "CheckpointState.load_checkpoint"
+                state = api.CheckpointState.load_checkpoint(
+                    os.path.join(directory, "checkpoint")
+                )
+                step = "Module"
+                module = api.Module(
+                    os.path.join(directory, "training_model.onnx"),
+                    state,
+                    None,
+                    device="cpu",
+                    session_options=_session_options(
+                        CPU_PROVIDER, SESSION_LOG_SEVERITY
+                    ),
+                )
+        except (RuntimeError, *ORT_ERRORS) as error:
+            text = _training_error_text(error, log)
+            raise TrainingApiError(f"{step} raised {text}") from error
+        module.train()
+        return module, state
 
     def run(self, request: Request) -> Result:
+        if request.backward_scheme == "accumulate":
+            return self._accumulate(request)
         if request.grad_outputs is None:
             return super().run(request)
+        return self._repeat(request)
+
+    def _accumulate(self, request: Request) -> Result:
+        """Run K training steps of one Module, the k-th with grad_outputs[k], and
+        read its gradient buffers after each. The Module adds each step's
+        gradients into the buffers (InPlaceAccumulatorV2 nodes) until
+        lazy_reset_grad, which the adapter never calls."""
+        spec = self._specs[request.implementation]
+        signature = self._request_signature(spec, request, True)
+        # numpy_helper.from_array copies each array into the model, so the
+        # checkpoint keeps no view of the read-only request.
+        parameters = self._feeds(request, list(self.REQUIRES_GRAD))
+        fields = {"x": "grad_input", "scale": "grad_gamma", "B": "grad_beta"}
+        if not request.affine:
+            fields = {"x": "grad_input"}
+        steps: dict[str, list[np.ndarray]] = {field: [] for field in fields.values()}
+
+        try:
+            module, state = self._accumulating_module(spec, signature, parameters)
+            for grad_output in request.grad_outputs:
+                single = replace(request, grad_output=grad_output)
+                (dy,) = self._feeds(single, ["dy"]).values()
+                _training_step(module, dy)
+                for name, field in fields.items():
+                    name += "_in" if request.dtype == "bfloat16" else ""
+                    # A copy: the buffer changes in place at the next step.
+                    gradient = state.parameters[name].grad
+                    steps[field].append(np.array(gradient, copy=True))
+        except TrainingApiError as error:
+            raise Rejected(str(error)) from error
+
+        # The dtype of the buffers themselves: bfloat16 graphs return float32.
+        buffer = steps["grad_input"][0]
+        dtype = "bfloat16" if request.dtype == "bfloat16" else buffer.dtype.name
+        return Result(
+            output=None,
+            dtype=dtype,
+            eps=float(np.float32(request.eps)),
+            **{f"{field}_steps": np.stack(stack) for field, stack in steps.items()},
+        )
+
+    def _repeat(self, request: Request) -> Result:
+        """Run each grad_output of a repeated-backward request as its own session
+        run, forward and backward together: the gradient graph cannot run its
+        backward part alone."""
         steps: dict[str, list[np.ndarray]] = {
             "grad_input": [],
             "grad_gamma": [],

@@ -2,11 +2,13 @@
 
 The conformance run covers the numbers; these tests cover what it cannot see: device
 discovery from NORMCONF_ORT_PROVIDERS, the reasons given for absent providers, the
-eps the adapter declares, and models that must not depend on Reshape's 0 and -1.
+eps the adapter declares, models that must not depend on Reshape's 0 and -1, and
+onnxruntime-training's accumulate scheme: its buffers, its reasons, its errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -157,3 +159,167 @@ def test_ort_providers_option_rejects_unknown_name(adapter):
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, completed.stderr
     assert "NoSuchExecutionProvider" in lines[0]
+
+
+# onnxruntime-training's accumulate scheme (training API Module)
+
+
+@pytest.fixture(scope="module")
+def training_adapter(adapter):
+    if not isinstance(adapter, adapter_module.OnnxRuntimeTrainingAdapter):
+        pytest.skip("the accumulate scheme needs the onnxruntime-training package")
+    return adapter
+
+
+def repeated_request(
+    implementation: str, case_name: str, scheme: str, calls: int = 3
+) -> Request:
+    """A float32 request of the case with `calls` grad_outputs: the case's own
+    first, then draws from a seeded generator."""
+    single = request(implementation, case_name)
+    rng = np.random.default_rng(11)
+    stack = [single.grad_output] + [
+        rng.standard_normal(single.x.shape).astype(np.float32) for _ in range(calls - 1)
+    ]
+    stack = np.stack(stack)
+    stack.setflags(write=False)
+    op = {"layer_norm.onnx": "layer_norm", "batch_norm.onnx": "batch_norm"}
+    if implementation == "layer_norm.onnx":
+        # LayerNorm over the last axis: gamma and beta of that axis's length.
+        gamma, beta = rng.standard_normal((2, single.x.shape[-1]), np.float32)
+        single = dataclasses.replace(single, gamma=gamma, beta=beta, normalized_ndim=1)
+    return dataclasses.replace(
+        single,
+        op=op.get(implementation, "instance_norm"),
+        gradients=True,
+        grad_output=stack[0],
+        grad_outputs=stack,
+        backward_scheme=scheme,
+    )
+
+
+def test_reported_accumulate_adds_four_per_call(training_adapter):
+    # The reported input, loss = sum(y) three times: dbeta = 4, 8 and 12 per
+    # channel, dgamma = 0 and dx = 0 up to float32 roundoff.
+    ones = repeated_request("batch-norm-reshape", "reported-repeated-backward", "")
+    stack = np.ones_like(ones.grad_outputs)
+    result = training_adapter.run(
+        dataclasses.replace(
+            ones,
+            grad_output=stack[0],
+            grad_outputs=stack,
+            backward_scheme="accumulate",
+        )
+    )
+    np.testing.assert_array_equal(
+        result.grad_beta_steps, [[4.0, 4.0], [8.0, 8.0], [12.0, 12.0]]
+    )
+    np.testing.assert_allclose(result.grad_gamma_steps, 0.0, atol=1e-5)
+    np.testing.assert_allclose(result.grad_input_steps, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "implementation", ["batch-norm-reshape", "batch_norm.onnx", "layer_norm.onnx"]
+)
+def test_accumulated_buffers_are_running_sums_of_single_calls(
+    training_adapter, implementation
+):
+    accumulated = training_adapter.run(
+        repeated_request(implementation, "random-2d", "accumulate")
+    )
+    repeated = training_adapter.run(
+        repeated_request(implementation, "random-2d", "repeat")
+    )
+    for name in ("grad_input", "grad_gamma", "grad_beta"):
+        steps = getattr(accumulated, f"{name}_steps")
+        sums = np.cumsum(getattr(repeated, f"{name}_steps"), axis=0)
+        assert steps.shape == sums.shape
+        assert steps.dtype == np.float32
+        np.testing.assert_allclose(steps, sums, rtol=0, atol=1e-5 * abs(sums).max())
+        # Each call adds something: the buffers are not overwritten.
+        assert not np.array_equal(steps[1], steps[2])
+
+
+def test_each_accumulate_request_starts_from_zero(training_adapter):
+    request_ = repeated_request("layer_norm.onnx", "random-2d", "accumulate")
+    first = training_adapter.run(request_)
+    second = training_adapter.run(request_)
+    np.testing.assert_array_equal(first.grad_beta_steps, second.grad_beta_steps)
+    np.testing.assert_array_equal(first.grad_input_steps, second.grad_input_steps)
+
+
+def test_accumulate_without_affine_returns_the_input_gradient_only(
+    training_adapter,
+):
+    request_ = repeated_request("batch_norm.onnx", "random-2d", "accumulate")
+    result = training_adapter.run(dataclasses.replace(request_, affine=False))
+    assert result.grad_input_steps.shape == (3, *request_.x.shape)
+    assert result.grad_gamma_steps is None and result.grad_beta_steps is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cause"),
+    [
+        ("float64", "InPlaceAccumulatorV2"),
+        (
+            "float16",
+            "CheckpointState.load_checkpoint raised RuntimeError: "
+            "Unsupported data type: 10",
+        ),
+    ],
+)
+def test_accumulate_reason_names_the_missing_piece(training_adapter, dtype, cause):
+    reason = training_adapter.backward_scheme_reason(
+        "layer_norm.onnx", "accumulate", "cpu", dtype
+    )
+    assert cause in reason
+    # The C++ function signature is left out; the source location stays.
+    assert "onnxruntime::" not in reason
+    assert "(at /onnxruntime_src/" in reason
+
+
+def test_accumulate_runs_in_float32_and_repeat_everywhere(training_adapter):
+    reason = training_adapter.backward_scheme_reason
+    assert reason("layer_norm.onnx", "accumulate", "cpu", "float32") is None
+    assert reason("layer_norm.onnx", "repeat", "cpu", "float64") is None
+
+
+def test_accumulate_is_cpu_only(training_adapter):
+    reason = training_adapter.backward_scheme_reason(
+        "layer_norm.onnx", "accumulate", "cuda", "float32"
+    )
+    assert "CPUExecutionProvider only" in reason
+
+
+def test_missing_training_api_makes_accumulate_unsupported(
+    training_adapter, monkeypatch
+):
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    monkeypatch.setattr(adapter_module.importlib, "import_module", missing)
+    reason = training_adapter._probe_accumulate("layer_norm.onnx", "cpu", "float32")
+    assert "importing onnxruntime.training failed" in reason
+    assert "No module named 'torch'" in reason
+
+
+def test_empty_batch_accumulate_raises_rejected(training_adapter):
+    request_ = repeated_request("layer_norm.onnx", "N0", "accumulate")
+    with pytest.raises(adapter_module.Rejected, match="raised RuntimeError"):
+        training_adapter.run(request_)
+
+
+def test_error_text_drops_the_function_signature():
+    text = (
+        "/onnxruntime_src/include/a.h:342 void ns::Policy<Ret>::operator()"
+        "(int32_t, Ret&) const [with Ret = Status; int32_t = int] Unsupported "
+        "data type: 10"
+    )
+    assert adapter_module._without_signature(text) == (
+        "Unsupported data type: 10 (at /onnxruntime_src/include/a.h:342)"
+    )
+    text = "/src/module.cc:312 ns::Module::Module(const A&, B<C* const>) [X] : 9 : Y"
+    assert (
+        adapter_module._without_signature(text) == "[X] : 9 : Y (at /src/module.cc:312)"
+    )
+    assert adapter_module._without_signature("plain (text)") == "plain (text)"
