@@ -772,23 +772,17 @@ class _Computation:
         self.compute_dtype = computed.compute_dtype
         return computed
 
-    def _first_order(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
-        """Run the forward under a gradient tape and return its output, the
-        updated running statistics, and the gradients of x, gamma and beta when
-        the request sets `gradients`."""
-        with tf.GradientTape() as tape:
+    def _taped_forward(
+        self, inputs: dict[str, tf.Tensor], persistent: bool = False
+    ) -> tuple[tf.GradientTape, Computed, dict[str, tf.Tensor]]:
+        """Run the forward under a gradient tape that watches x, gamma and beta.
+        Returns the tape, the computed values, and the sources of the gradients
+        that exist, keyed "grad_input", "grad_gamma" and "grad_beta"."""
+        with tf.GradientTape(persistent=persistent) as tape:
             for name in ("x", "gamma", "beta"):
                 if name in inputs:
                     tape.watch(inputs[name])
             computed = self._forward(inputs)
-        outputs = {
-            "output": computed.output,
-            "running_mean": computed.running_mean,
-            "running_var": computed.running_var,
-        }
-        if not self.gradients:
-            return outputs
-
         # The Keras layers compute with their own gamma and beta variables.
         sources = {
             "grad_input": inputs["x"],
@@ -798,6 +792,21 @@ class _Computation:
         present = {
             name: source for name, source in sources.items() if source is not None
         }
+        return tape, computed, present
+
+    def _first_order(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
+        """Run the forward under a gradient tape and return its output, the
+        updated running statistics, and the gradients of x, gamma and beta when
+        the request sets `gradients`."""
+        tape, computed, present = self._taped_forward(inputs)
+        outputs = {
+            "output": computed.output,
+            "running_mean": computed.running_mean,
+            "running_var": computed.running_var,
+        }
+        if not self.gradients:
+            return outputs
+
         gradients = tape.gradient(
             computed.output,
             list(present.values()),
@@ -810,21 +819,7 @@ class _Computation:
         """Run the forward once under a persistent tape and call its gradient once
         per grad_output of inputs["grad_outputs"], the scheme "repeat". Returns
         the output and each gradient's calls, stacked on a first axis."""
-        with tf.GradientTape(persistent=True) as tape:
-            for name in ("x", "gamma", "beta"):
-                if name in inputs:
-                    tape.watch(inputs[name])
-            computed = self._forward(inputs)
-
-        sources = {
-            "grad_input_steps": inputs["x"],
-            "grad_gamma_steps": computed.gamma,
-            "grad_beta_steps": computed.beta,
-        }
-        present = {
-            name: source for name, source in sources.items() if source is not None
-        }
-
+        tape, computed, present = self._taped_forward(inputs, persistent=True)
         calls = []
         # The number of calls is the static first dimension of grad_outputs, so a
         # traced function unrolls this loop into that many gradient graphs.
@@ -840,7 +835,9 @@ class _Computation:
 
         outputs: dict[str, tf.Tensor | None] = {"output": computed.output}
         for index, name in enumerate(present):
-            outputs[name] = tf.stack([gradients[index] for gradients in calls])
+            outputs[f"{name}_steps"] = tf.stack(
+                [gradients[index] for gradients in calls]
+            )
         return outputs
 
     def _second_order(
