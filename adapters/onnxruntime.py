@@ -129,6 +129,9 @@ SESSION_LOG_SEVERITY = 3  # 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 PROBE_LOG_SEVERITY = 4
 LOG_WARNING = 2
 LOGGED_MESSAGE_LIMIT = 240
+# The length of the start of a logged message that, found in an exception's
+# text, marks the message as a repeat of the exception.
+LOGGED_PREFIX = 60
 DEFAULT_LOG_SEVERITY = 2  # onnxruntime's own default for its default logger
 ASSIGNMENT_CONFIG_KEY = "session.record_ep_graph_assignment_info"
 
@@ -752,6 +755,12 @@ def _captured_stderr(log: list[str]) -> Iterator[None]:
 
 def _logged_errors(text: str) -> str:
     """Return the messages of the error lines of onnxruntime's log text, joined."""
+    return " | ".join(_logged_messages(text))
+
+
+def _logged_messages(text: str) -> list[str]:
+    """Return the messages of the error and warning lines of onnxruntime's log
+    text, each once, cut to LOGGED_MESSAGE_LIMIT characters."""
     messages = []
     for line in text.splitlines():
         line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
@@ -761,7 +770,7 @@ def _logged_errors(text: str) -> str:
                 message = message[: LOGGED_MESSAGE_LIMIT - 3] + "..."
             if message not in messages:
                 messages.append(message)
-    return " | ".join(messages)
+    return messages
 
 
 def discover_devices(providers: list[str]) -> dict[str, tuple[Device, str]]:
@@ -1185,37 +1194,100 @@ def _training_api() -> tuple[object, object]:
         ) from error
 
 
+# A source location that starts an onnxruntime C++ exception's text, as in
+# "/onnxruntime_src/onnxruntime/core/graph/graph_utils.cc:549 bool f(...) MESSAGE".
+SOURCE_LOCATION = re.compile(r"(/[\w./+-]+:\d+) ")
+# The brackets that a C++ signature nests: parameter lists, template arguments,
+# and GCC's "[with T = float]".
+OPENING = {"(": ")", "<": ">", "[": "]"}
+
+
+def _words(text: str, start: int) -> list[tuple[int, int]]:
+    """Return the (start, end) spans of the words of text[start:], split at the
+    spaces outside brackets, so that "f(const A&, B)" is one word."""
+    spans, depth, begin = [], 0, start
+    for index in range(start, len(text)):
+        character = text[index]
+        if character in OPENING:
+            depth += 1
+        elif character in OPENING.values() and depth > 0:
+            depth -= 1
+        elif character == " " and depth == 0:
+            if index > begin:
+                spans.append((begin, index))
+            begin = index + 1
+    if begin < len(text):
+        spans.append((begin, len(text)))
+    return spans
+
+
+def _signature_end(text: str, start: int) -> int | None:
+    """Return where the C++ function signature that starts at `start` ends: up to
+    three return-type words, a qualified name with its parameter list
+    ("ns::Class::f(int)"), and an optional " const" and " [with T = ...]". Return
+    None when the text there is not such a signature."""
+    words = _words(text, start)
+    for position, (begin, end) in enumerate(words[:4]):
+        word = text[begin:end]
+        if "(" not in word:
+            if not re.fullmatch(r"[\w:<>,*&]+", word):
+                return None
+            continue
+        if "::" not in word.split("(", 1)[0] and not word.startswith("operator"):
+            return None
+        following = [text[b:e] for b, e in words[position + 1 : position + 3]]
+        taken = 0
+        if following[:1] == ["const"]:
+            taken += 1
+        if len(following) > taken and following[taken].startswith("[with "):
+            taken += 1
+        return words[position + taken][1]
+    return None
+
+
 def _without_signature(text: str) -> str:
-    """Return an onnxruntime C++ exception's message without the function
-    signature that follows its source location: "FILE:LINE void f(int) const
-    MESSAGE" becomes "MESSAGE (at FILE:LINE)". Other text is returned as it is."""
-    location = re.match(r"(/\S+:\d+) ", text)
-    start = text.find("(", location.end()) if location else -1
-    if start < 0:
-        return text
-    # Skip each parenthesized group in a row: "operator()(int32_t, Ret&)" has two.
-    end, depth = start, 0
-    while end < len(text) and (depth > 0 or text[end] == "("):
-        depth += {"(": 1, ")": -1}.get(text[end], 0)
-        end += 1
-    rest = re.sub(r"^ const\b", "", text[end:])
-    rest = re.sub(r"^ \[with [^\]]*\]", "", rest).strip()
-    return f"{rest} (at {location.group(1)})" if rest else text
+    """Return onnxruntime C++ exception text without the function signature that
+    follows each source location: "FILE:LINE void ns::f(int) const MESSAGE"
+    becomes "FILE:LINE: MESSAGE". Text without such a signature is unchanged."""
+    pieces, copied = [], 0
+    for location in SOURCE_LOCATION.finditer(text):
+        if location.start() < copied:
+            continue
+        end = _signature_end(text, location.end())
+        if end is None:
+            continue
+        pieces.append(text[copied : location.start()])
+        pieces.append(f"{location.group(1)}:")
+        copied = end
+    pieces.append(text[copied:])
+    return "".join(pieces)
 
 
 def _training_error_text(error: BaseException, log: list[str]) -> str:
-    """Return the training API's error with the errors onnxruntime logged."""
-    causes = _logged_errors(log[0]) if log else ""
-    text = f"{type(error).__name__}: {_without_signature(str(error))}"
-    return text + (f"; onnxruntime logged: {causes}" if causes else "")
+    """Return the training API's error, without C++ signatures, followed by the
+    errors onnxruntime logged that the error's own text does not repeat."""
+    # onnxruntime's messages end in blank lines and nest further messages.
+    message = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {_without_signature(message)}"
+    causes = []
+    for logged in _logged_messages(log[0]) if log else []:
+        # A logged message that starts as a part of the error's text repeats
+        # it (the log cuts messages short, so only the start is compared).
+        if logged[:LOGGED_PREFIX] not in text and logged[:LOGGED_PREFIX] not in message:
+            causes.append(_without_signature(logged))
+    return text + (f"; onnxruntime logged: {' | '.join(causes)}" if causes else "")
 
 
 def _training_step(module: object, dy: np.ndarray) -> None:
     """Run one forward and backward step of a training API Module on dy."""
+    log: list[str] = []
     try:
-        module(dy)
+        # A failing kernel logs its error to stderr as well; the message
+        # carries it instead.
+        with _captured_stderr(log):
+            module(dy)
     except (RuntimeError, *ORT_ERRORS) as error:
-        text = _training_error_text(error, [])
+        text = _training_error_text(error, log)
         raise TrainingApiError(f"a training step raised {text}") from error
 
 
@@ -1299,6 +1371,9 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
         probed once per (implementation, device, dtype): the training API lacks
         kernels and checkpoint types that the gradient graph alone does not
         need."""
+        declared = self._specs[implementation].implementation
+        if scheme not in declared.backward_schemes:
+            return f"implementation {implementation} has no backward scheme {scheme!r}"
         if scheme != "accumulate":
             return None
         key = (implementation, device, dtype)
@@ -1365,8 +1440,8 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
         step = "generate_artifacts"
         try:
             # generate_artifacts builds its gradient graph with default session
-            # options, which log each graph transformation at the info level to
-            # stderr; the capture keeps that out of the run's output.
+            # options. Those log each graph transformation at the info level to
+            # stderr, so the capture keeps them out of the run's output.
             with tempfile.TemporaryDirectory() as directory, _captured_stderr(log):
                 # loss=None: the model's first output, sum(y * dy) cast to
                 # float32, is the loss. Only the training model is loaded: the
@@ -1411,6 +1486,12 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
         read its gradient buffers after each. The Module adds each step's
         gradients into the buffers (InPlaceAccumulatorV2 nodes) until
         lazy_reset_grad, which the adapter never calls."""
+        if request.running_mean is not None:
+            # The suite sends none: repeated backward runs without them.
+            raise ValueError(
+                "an accumulate request with running statistics: the accumulate "
+                "path builds its model without the running-statistics inputs"
+            )
         spec = self._specs[request.implementation]
         signature = self._request_signature(spec, request, True)
         # numpy_helper.from_array copies each array into the model, so the
