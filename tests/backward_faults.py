@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from adapters.contract import BACKWARD_SCHEMES, LAYOUTS, Implementation, Request, Result
-from suites import cases, repeated_backward
-from suites.verdicts import Item, Record
+from suites import repeated_backward
+from suites.verdicts import Record
+from tests.family_faults import operator_item
 from tests.faults import F32, CarefulStatistics, Float32Kernel, careful_statistics
 
 
@@ -195,18 +196,9 @@ def run_case(
     """Judge one catalogue case in `scheme` as the repeated-backward suite does,
     and return the records by quantity (unsupported where the case or dtype is
     not posed)."""
-    case = cases.by_name(case_name)
-    implementation = adapter.implementations()[0]
+    operator = adapter.implementations()[0].operator
+    implementation, item = operator_item(adapter, operator, case_name, seed)
     device = adapter.devices()[0]
-    item = Item(
-        adapter.framework,
-        implementation.name,
-        device.name,
-        adapter.dtype,
-        case,
-        seed,
-        case.operator(implementation.operator),
-    )
     reason = repeated_backward.unsupported_reason(
         adapter, implementation, device, item, scheme
     )

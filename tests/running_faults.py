@@ -27,8 +27,9 @@ from adapters.contract import (
     Result,
 )
 from references.running_stats import CONVENTIONS
-from suites import cases, running_statistics
-from suites.verdicts import Item, Record
+from suites import running_statistics
+from suites.verdicts import Record
+from tests.family_faults import operator_item
 from tests.faults import NumpyKernel, careful_statistics
 
 F32 = np.float32
@@ -270,22 +271,8 @@ def run_case(
     """Judge one catalogue case in `mode` computed by the kernel's `operator`, as
     the running-statistics suite does, and return the records by quantity
     (unsupported where the case or dtype is not posed)."""
-    case = cases.by_name(case_name)
-    implementation = next(
-        candidate
-        for candidate in adapter.implementations()
-        if candidate.operator == operator
-    )
+    implementation, item = operator_item(adapter, operator, case_name, seed)
     device = adapter.devices()[0]
-    item = Item(
-        adapter.framework,
-        implementation.name,
-        device.name,
-        adapter.dtype,
-        case,
-        seed,
-        case.operator(operator),
-    )
     reason = running_statistics.unsupported_reason(
         adapter, implementation, device, item, mode
     )
