@@ -246,18 +246,12 @@ def build_backward_request(
 
 def unsupported_records(item: Item, scheme: str, reason: str) -> list[Record]:
     """Record every quantity of an item that cannot run."""
-    return [
-        item.record(quantity, "unsupported", True, reason)
-        for quantity in quantities_for(item.case, scheme)
-    ]
+    return item.unsupported(quantities_for(item.case, scheme), reason)
 
 
 def error_records(item: Item, scheme: str, message: str) -> list[Record]:
     """Record every quantity of an item as `error`."""
-    return [
-        item.record(quantity, "error", False, message)
-        for quantity in quantities_for(item.case, scheme)
-    ]
+    return item.errors(quantities_for(item.case, scheme), message)
 
 
 def run_item(
@@ -373,7 +367,7 @@ def judge_result(
     x_shape = case.shape if supplied is None else supplied[0].x.shape
     unpacked = unpack_result(item, result, (), x_shape, "grad_input_steps")
     if isinstance(unpacked, str):
-        return [item.record(q, "error", False, unpacked) for q in quantities]
+        return item.errors(quantities, unpacked)
     eps, units, result_dtype = unpacked.eps, unpacked.units, unpacked.result_dtype
 
     if supplied is None:

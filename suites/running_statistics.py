@@ -338,18 +338,12 @@ def unsupported_reason(
 
 def unsupported_records(item: Item, mode: str, reason: str) -> list[Record]:
     """Record every quantity of the mode as unsupported, with the reason."""
-    return [
-        item.record(quantity, "unsupported", True, reason)
-        for quantity in quantities_for(item.case, mode)
-    ]
+    return item.unsupported(quantities_for(item.case, mode), reason)
 
 
 def error_records(item: Item, mode: str, message: str) -> list[Record]:
     """Record every quantity of the mode as `error`."""
-    return [
-        item.record(quantity, "error", False, message)
-        for quantity in quantities_for(item.case, mode)
-    ]
+    return item.errors(quantities_for(item.case, mode), message)
 
 
 def run_item(
@@ -402,7 +396,7 @@ def judge_result(
     case, dtype = item.case, item.dtype
     unpacked = unpack_result(item, result, quantities, case.shape, "output", FIELDS)
     if isinstance(unpacked, str):
-        return [item.record(q, "error", False, unpacked) for q in quantities]
+        return item.errors(quantities, unpacked)
     reference = catalogue_reference(
         case, dtype, item.seed, mode, convention, unpacked.eps, item.operator
     )

@@ -187,18 +187,12 @@ def unsupported_reason(
 
 def unsupported_records(item: Item, reason: str) -> list[Record]:
     """Record every second-order quantity of an item that cannot run."""
-    return [
-        item.record(quantity, "unsupported", True, reason)
-        for quantity in quantities_for(item.case)
-    ]
+    return item.unsupported(quantities_for(item.case), reason)
 
 
 def error_records(item: Item, message: str) -> list[Record]:
     """Record every second-order quantity of an item as `error`."""
-    return [
-        item.record(quantity, "error", False, message)
-        for quantity in quantities_for(item.case)
-    ]
+    return item.errors(quantities_for(item.case), message)
 
 
 def run_item(
@@ -245,7 +239,7 @@ def judge_result(
         x_shape = supplied[0].x.shape
     unpacked = unpack_result(item, result, quantities, x_shape, "grad2_input")
     if isinstance(unpacked, str):
-        return [item.record(q, "error", False, unpacked) for q in quantities]
+        return item.errors(quantities, unpacked)
     eps, units, result_dtype = unpacked.eps, unpacked.units, unpacked.result_dtype
     arrays, problems = unpacked.arrays, unpacked.problems
 

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,6 +207,14 @@ class Item:
             **kw,
         )
 
+    def unsupported(self, quantities: Sequence[str], reason: str) -> list[Record]:
+        """Record each quantity as `unsupported` (conforming) with the reason."""
+        return [self.record(q, "unsupported", True, reason) for q in quantities]
+
+    def errors(self, quantities: Sequence[str], message: str) -> list[Record]:
+        """Record each quantity as `error` (not conforming) with the message."""
+        return [self.record(q, "error", False, message) for q in quantities]
+
 
 class AdapterMethodError(Exception):
     """An adapter method the suite calls for one item raised or returned a value
@@ -214,10 +223,7 @@ class AdapterMethodError(Exception):
 
 def unsupported_records(item: Item, reason: str, gradients: bool) -> list[Record]:
     """Record every quantity of an item that cannot run, with the reason."""
-    return [
-        item.record(quantity, "unsupported", True, reason)
-        for quantity in quantities_for(item.case, gradients)
-    ]
+    return item.unsupported(quantities_for(item.case, gradients), reason)
 
 
 def check_array(
@@ -355,7 +361,7 @@ def judge_result(
     x_shape = case.shape if inputs is None else inputs.x.shape
     unpacked = unpack_result(item, result, quantities, x_shape, "output")
     if isinstance(unpacked, str):
-        return [item.record(q, "error", False, unpacked) for q in quantities]
+        return item.errors(quantities, unpacked)
     eps, units, result_dtype = unpacked.eps, unpacked.units, unpacked.result_dtype
     arrays, problems = unpacked.arrays, unpacked.problems
     # Arrays that are NaN throughout are an error, not a numerical failure, when
@@ -644,10 +650,7 @@ def declared_reason(adapter: object, method: str, *arguments: str) -> str | None
 
 def error_records(item: Item, message: str, gradients: bool) -> list[Record]:
     """Record every quantity of an item as `error` with the message."""
-    return [
-        item.record(quantity, "error", False, message)
-        for quantity in quantities_for(item.case, gradients)
-    ]
+    return item.errors(quantities_for(item.case, gradients), message)
 
 
 def run_item(
@@ -669,11 +672,12 @@ def run_item(
         reason = implementation.gradient_reason or (
             f"implementation {implementation.name} returns no gradients"
         )
-        records = [
-            item.record(quantity, "unsupported", True, reason)
+        gradient_quantities = [
+            quantity
             for quantity in quantities_for(item.case, True)
             if quantity != "output"
         ]
+        records = item.unsupported(gradient_quantities, reason)
     return _run(adapter, item, gradients, inputs) + records
 
 
@@ -722,14 +726,14 @@ def call_adapter(
         message = f"{refusal} [{note}]"
         return None, [item.record(q, "rejected", allowed, message) for q in quantities]
     except isolation.WorkerFailure as failure:
-        return None, [item.record(q, "error", False, str(failure)) for q in quantities]
+        return None, item.errors(quantities, str(failure))
     except Exception as crash:  # noqa: BLE001 - any adapter failure is a verdict
         last = traceback.extract_tb(crash.__traceback__)[-1]
         message = (
             f"adapter raised {type(crash).__name__}: {crash} "
             f"(at {last.filename}:{last.lineno})"
         )
-        return None, [item.record(q, "error", False, message) for q in quantities]
+        return None, item.errors(quantities, message)
 
     if before is not None:
         current = {name: getattr(request, name) for name in before}
@@ -738,7 +742,7 @@ def call_adapter(
             # Later items must not see the changed arrays: drop the caches.
             for cache in (materialize, catalogue_reference, *caches):
                 cache.cache_clear()
-            return None, [item.record(q, "error", False, changed) for q in quantities]
+            return None, item.errors(quantities, changed)
     return result, None
 
 
