@@ -101,7 +101,7 @@ def test_missing_scheme_is_unsupported_with_its_reason():
 
 
 class SchemeGaps(Declares):
-    """Declares both schemes and says accumulate cannot run in float16."""
+    """Declares both schemes, and gives a reason for accumulate in float16."""
 
     def backward_scheme_reason(self, implementation, scheme, device, dtype):
         if scheme == "accumulate" and dtype == "float16":
@@ -132,7 +132,7 @@ class BrokenSchemeReason(Declares):
         return 3
 
 
-def test_scheme_reason_that_is_not_a_string_is_an_adapter_error():
+def test_non_string_scheme_reason_is_error():
     implementation = Implementation("in", "", backward_schemes=BACKWARD_SCHEMES)
     with pytest.raises(AdapterMethodError, match="backward_scheme_reason"):
         repeated_backward.unsupported_reason(
@@ -203,6 +203,46 @@ def test_reported_accumulate_adds_four_per_call():
     )
     np.testing.assert_allclose(expected["grad_gamma"], 0.0, atol=1e-12)
     np.testing.assert_allclose(expected["grad_input"], 0.0, atol=1e-12)
+
+
+def test_buffer_sums_keep_an_overflowed_sum_infinite():
+    # Keras's float16 accumulators on eps-vs-variance-1e-10 (TensorFlow 2.21.0):
+    # 44000 + 23700 overflows, and the later -32900 cannot bring it back.
+    values = np.array(
+        [[44000.0, -56960.0, 1.0], [23700.0, -24510.0, 2.0], [-32900.0, 5.0, 3.0]]
+    )
+    sums = repeated_backward.buffer_sums(values, "float16")
+    np.testing.assert_array_equal(
+        sums, [[44000.0, -56960.0, 1.0], [np.inf, -np.inf, 3.0], [np.inf, -np.inf, 6.0]]
+    )
+    # In float32 the same sums are exact.
+    np.testing.assert_array_equal(
+        repeated_backward.buffer_sums(values, "float32"), np.cumsum(values, axis=0)
+    )
+
+
+@pytest.mark.parametrize(
+    ("container", "dtype", "expected"),
+    [
+        (np.float16, "float16", "float16"),
+        # MXNet 1.9.1's float16 BatchNorm: float32 gamma and beta gradients.
+        (np.float32, "float16", "float32"),
+        # bfloat16 values travel in float32 arrays.
+        (np.float32, "bfloat16", "bfloat16"),
+        (np.float64, "float32", "float64"),
+    ],
+)
+def test_buffer_dtype_follows_the_returned_array(container, dtype, expected):
+    array = np.zeros(3, dtype=container)
+    assert repeated_backward.buffer_dtype(array, dtype) == expected
+
+
+def test_buffer_sums_add_an_overflowing_call_as_infinity():
+    # A call whose exact gradient is beyond float16's range returns infinity, so
+    # the buffer contains it although the exact sum (53273) is in range.
+    values = np.array([[-20000.0, 70000.0], [73273.0, -70000.0]])
+    sums = repeated_backward.buffer_sums(values, "float16")
+    np.testing.assert_array_equal(sums, [[-20000.0, np.inf], [np.inf, np.nan]])
 
 
 @pytest.mark.parametrize("calls", [2, 3, 8])
