@@ -2,7 +2,9 @@
 and BatchNorm in training mode three ways, with gradients through tf.GradientTape
 and second derivatives through two nested tapes. The Keras and fused BatchNorm
 implementations also take running statistics: a training step that updates them,
-or inference that normalizes with them.
+or inference that normalizes with them. Repeated backward runs as several
+gradient calls on one persistent tape, or, accumulated, through a Keras
+optimizer's gradient accumulators.
 
 Written against TensorFlow 2.21 with Keras 3 on its TensorFlow backend. The default
 execution mode runs eagerly. The modes "function" and "xla" run the forward and its
@@ -33,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from adapters.contract import (  # noqa: E402
+    BACKWARD_SCHEMES,
     CONTRACT_VERSION,
     DEFAULT_MODE,
     Adapter,
@@ -482,15 +485,10 @@ KERAS_COMPILED_SCOPE = (
 )
 
 
-# The reason the implementations run the backward scheme "repeat" and not
-# "accumulate".
-NO_ACCUMULATE = (
-    f"TensorFlow {tf.__version__} has no accumulate mode: tf.GradientTape.gradient "
-    "returns new tensors on each call and keeps no gradient buffers to add "
-    "them into; a sum over calls would be the adapter's own code, not "
-    'TensorFlow\'s. Repeated backward runs as "repeat", K gradient calls on one '
-    "persistent tape"
-)
+# Repeated backward: "repeat" is K gradient calls on one persistent tape. A tape
+# keeps no gradient buffers, so "accumulate" uses Keras's: an optimizer built with
+# gradient_accumulation_steps keeps one accumulator variable per trainable
+# variable and adds each applied gradient into it (see _Computation._accumulated).
 
 
 IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
@@ -505,8 +503,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             running_stats_reason=(
                 "Keras 3.15.1 has no InstanceNorm layer, and its GroupNormalization "
                 "keeps no moving statistics: its only weights are gamma and beta"
@@ -522,8 +519,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             running_stats_reason=(
                 "tf.nn.moments and tf.nn.batch_normalization keep no state, and "
                 "TensorFlow 2.21.0 has no InstanceNorm op with running statistics"
@@ -542,8 +538,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             running_stats_reason=(
                 "FusedBatchNormV3 on the (1, N*C, ...) reshape updates one running "
                 "value per (n, c) slice, not per channel, and TensorFlow 2.21.0 has "
@@ -563,8 +558,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             operator="group_norm",
         ),
         _group_norm_keras,
@@ -580,8 +574,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             operator="layer_norm",
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
         ),
         _layer_norm_keras,
     ),
@@ -599,8 +592,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             operator="batch_norm",
             running_stats="keras",
         ),
@@ -614,8 +606,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             operator="batch_norm",
             running_stats_reason=(
                 "tf.nn.moments returns the batch's statistics and keeps no state, so "
@@ -638,8 +629,7 @@ IMPLEMENTATIONS: dict[str, tuple[Implementation, Forward]] = {
             layouts=BOTH_LAYOUTS,
             second_order=True,
             execution_modes=tuple(EXECUTION_MODES),
-            backward_schemes=("repeat",),
-            backward_schemes_reason=NO_ACCUMULATE,
+            backward_schemes=BACKWARD_SCHEMES,
             operator="batch_norm",
             running_stats="tf-fused",
         ),
@@ -716,6 +706,25 @@ def _input_tensors(request: Request) -> dict[str, tf.Tensor]:
     }
 
 
+def _request_layer(request: Request):
+    """Return a new built Keras layer for the request's implementation, or None
+    for an implementation that is not a Keras layer."""
+    new_layer = KERAS_LAYERS.get(request.implementation)
+    if new_layer is None:
+        return None
+    options = _operator_arguments(request)
+    if request.running_mean is not None:
+        options["momentum"] = request.momentum
+    return new_layer(
+        request.x.shape,
+        TF_DTYPES[request.dtype],
+        request.eps,
+        request.layout,
+        request.affine,
+        **options,
+    )
+
+
 class _Computation:
     """The forward of one request's implementation with the requested
     derivatives, as a function of `_input_tensors(request)`.
@@ -730,6 +739,11 @@ class _Computation:
         self.eps_requested = request.eps
         self.layout = request.layout
         self.arguments = _operator_arguments(request)
+        self.scheme = request.backward_scheme
+        if layer is None and self.scheme == "accumulate":
+            # The steps must share the layer: the optimizer keeps its
+            # accumulators per variable.
+            layer = _request_layer(request)
         if layer is not None:
             self.arguments["layer"] = layer
         self.running = None
@@ -744,6 +758,8 @@ class _Computation:
     def __call__(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
         if self.second_order:
             return self._second_order(inputs)
+        if self.scheme == "accumulate":
+            return self._accumulated(inputs)
         if self.repeated:
             return self._repeated(inputs)
         return self._first_order(inputs)
@@ -840,6 +856,65 @@ class _Computation:
             )
         return outputs
 
+    def _accumulated(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
+        """The scheme "accumulate": K forward and backward steps, whose gradients
+        a Keras optimizer adds into its accumulators. Returns the output of the
+        last step and the accumulators after each step, stacked.
+
+        The optimizer accumulates the gradients of variables only, so x, gamma
+        and beta become Keras variables. A Keras layer differentiates its own
+        gamma and beta variables instead. It is built with
+        gradient_accumulation_steps = K + 1, so the K steps only add: the update
+        step, which would change the variables and reset the accumulators, never
+        comes."""
+        calls = inputs["grad_outputs"].shape[0]
+        variables = {
+            name: keras.Variable(inputs[name], dtype=inputs[name].dtype.name, name=name)
+            for name in ("x", "gamma", "beta")
+            if name in inputs
+        }
+        stepped = {**inputs, **{name: v.value for name, v in variables.items()}}
+        sources_of = {"grad_input": "x", "grad_gamma": "gamma", "grad_beta": "beta"}
+        optimizer = keras.optimizers.SGD(gradient_accumulation_steps=calls + 1)
+        steps: dict[str, list[tf.Tensor]] = {}
+        accumulators: list = []
+        for call in range(calls):
+            tape, computed, present = self._taped_forward(stepped)
+            gradients = tape.gradient(
+                computed.output,
+                list(present.values()),
+                output_gradients=inputs["grad_outputs"][call],
+            )
+            targets = [
+                source
+                if isinstance(source, keras.Variable)
+                else variables[sources_of[name]]
+                for name, source in present.items()
+            ]
+            if not accumulators:
+                optimizer.build(targets)
+                # Keras 3.15.1 names each accumulator after its variable, and
+                # creates them in the order of the variables it is built with.
+                accumulators = [
+                    v
+                    for v in optimizer.variables
+                    if v.path.endswith("_gradient_accumulator")
+                ]
+                if len(accumulators) != len(targets):
+                    raise RuntimeError(
+                        f"the Keras optimizer made {len(accumulators)} gradient "
+                        f"accumulators for {len(targets)} variables"
+                    )
+            optimizer.apply_gradients(zip(gradients, targets, strict=True))
+            for name, accumulator in zip(present, accumulators, strict=True):
+                # Reading the variable returns a tensor that later steps leave.
+                steps.setdefault(name, []).append(tf.identity(accumulator.value))
+
+        outputs: dict[str, tf.Tensor | None] = {"output": computed.output}
+        for name, stack in steps.items():
+            outputs[f"{name}_steps"] = tf.stack(stack)
+        return outputs
+
     def _second_order(
         self, inputs: dict[str, tf.Tensor]
     ) -> dict[str, tf.Tensor | None]:
@@ -886,23 +961,10 @@ class _CompiledComputation:
     def __init__(
         self, request: Request, forward: Forward, inputs: dict[str, tf.Tensor]
     ):
-        layer = None
-        new_layer = KERAS_LAYERS.get(request.implementation)
-        if new_layer is not None:
-            # Keras creates the layer's variables here, outside the traced
-            # function, because tf.function creates variables on its first
-            # trace only and keeps no reference to them. self.layer keeps them.
-            options = _operator_arguments(request)
-            if request.running_mean is not None:
-                options["momentum"] = request.momentum
-            layer = new_layer(
-                request.x.shape,
-                TF_DTYPES[request.dtype],
-                request.eps,
-                request.layout,
-                request.affine,
-                **options,
-            )
+        # Keras creates the layer's variables here, outside the traced function,
+        # because tf.function creates variables on its first trace only and keeps
+        # no reference to them. self.layer keeps them.
+        layer = _request_layer(request)
         self.layer = layer
         self.computation = _Computation(request, forward, layer)
         signature = {

@@ -20,6 +20,10 @@ pytest.importorskip("onnx")
 from adapters import onnxruntime as adapter_module  # noqa: E402
 from adapters.contract import Request  # noqa: E402
 from suites import cases  # noqa: E402
+from tests.frameworks.accumulate_checks import (  # noqa: E402
+    assert_reported_sums,
+    assert_running_sums,
+)
 from tests.subprocess_runs import run_suite  # noqa: E402
 
 
@@ -211,11 +215,7 @@ def test_reported_accumulate_adds_four_per_call(training_adapter):
             backward_scheme="accumulate",
         )
     )
-    np.testing.assert_array_equal(
-        result.grad_beta_steps, [[4.0, 4.0], [8.0, 8.0], [12.0, 12.0]]
-    )
-    np.testing.assert_allclose(result.grad_gamma_steps, 0.0, atol=1e-5)
-    np.testing.assert_allclose(result.grad_input_steps, 0.0, atol=1e-5)
+    assert_reported_sums(result)
 
 
 @pytest.mark.parametrize(
@@ -230,14 +230,7 @@ def test_accumulated_buffers_are_running_sums_of_single_calls(
     repeated = training_adapter.run(
         repeated_request(implementation, "random-2d", "repeat")
     )
-    for name in ("grad_input", "grad_gamma", "grad_beta"):
-        steps = getattr(accumulated, f"{name}_steps")
-        sums = np.cumsum(getattr(repeated, f"{name}_steps"), axis=0)
-        assert steps.shape == sums.shape
-        assert steps.dtype == np.float32
-        np.testing.assert_allclose(steps, sums, rtol=0, atol=1e-5 * abs(sums).max())
-        # Each call adds something: the buffers are not overwritten.
-        assert not np.array_equal(steps[1], steps[2])
+    assert_running_sums(accumulated, repeated)
 
 
 def test_each_accumulate_request_starts_from_zero(training_adapter):
