@@ -222,19 +222,36 @@ def test_buffer_sums_keep_an_overflowed_sum_infinite():
 
 
 @pytest.mark.parametrize(
-    ("container", "dtype", "expected"),
+    ("values", "container", "dtype", "expected"),
     [
-        (np.float16, "float16", "float16"),
+        ([1.0, np.inf], np.float16, "float16", "float16"),
+        # A float16 buffer returned in a float32 array.
+        ([65504.0, np.inf, np.nan], np.float32, "float16", "float16"),
         # MXNet 1.9.1's float16 BatchNorm: float32 gamma and beta gradients.
-        (np.float32, "float16", "float32"),
+        ([261906.547], np.float32, "float16", "float32"),
+        ([0.1], np.float32, "float16", "float32"),
         # bfloat16 values travel in float32 arrays.
-        (np.float32, "bfloat16", "bfloat16"),
-        (np.float64, "float32", "float64"),
+        ([1.5, -3.0], np.float32, "bfloat16", "bfloat16"),
+        ([0.1], np.float64, "float32", "float64"),
     ],
 )
-def test_buffer_dtype_follows_the_returned_array(container, dtype, expected):
-    array = np.zeros(3, dtype=container)
+def test_buffer_dtype_follows_the_returned_values(values, container, dtype, expected):
+    array = np.array(values, dtype=container)
     assert repeated_backward.buffer_dtype(array, dtype) == expected
+
+
+def test_buffer_sums_follow_the_rounded_buffer_at_the_threshold():
+    # float16 rounds 59980 to 59968 and 5541 to 5540: their sum, 65508, is
+    # finite in a float16 buffer although the exact 65521 is not.
+    near = repeated_backward.buffer_sums(
+        np.array([[59980.0], [5541.0], [-60000.0]]), "float16"
+    )
+    np.testing.assert_allclose(near[:, 0], [59980.0, 65521.0, 5521.0])
+    # 60000 + 5520 (5519.9 rounded) rounds to infinity in the buffer.
+    over = repeated_backward.buffer_sums(
+        np.array([[60000.0], [5519.9], [-60000.0]]), "float16"
+    )
+    np.testing.assert_array_equal(over[:, 0], [60000.0, np.inf, np.inf])
 
 
 def test_buffer_sums_add_an_overflowing_call_as_infinity():

@@ -103,3 +103,9 @@ def test_accumulate_without_affine_returns_the_input_gradient_only(adapter):
     assert result.grad_input_steps.shape == (3, *request.x.shape)
     assert result.grad_gamma_steps is None
     assert result.grad_beta_steps is None
+
+
+def test_accumulate_in_a_compiled_mode_raises_value_error(adapter):
+    request = repeated_request("moments", "random-2d", "accumulate")
+    with pytest.raises(ValueError, match="default execution mode only"):
+        adapter.run(dataclasses.replace(request, execution_mode="function"))
