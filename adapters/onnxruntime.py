@@ -1236,12 +1236,14 @@ def _signature_end(text: str, start: int) -> int | None:
         if "::" not in word.split("(", 1)[0] and not word.startswith("operator"):
             return None
         following = [text[b:e] for b, e in words[position + 1 : position + 3]]
-        taken = 0
+        suffix_words = 0
         if following[:1] == ["const"]:
-            taken += 1
-        if len(following) > taken and following[taken].startswith("[with "):
-            taken += 1
-        return words[position + taken][1]
+            suffix_words += 1
+        if len(following) > suffix_words and following[suffix_words].startswith(
+            "[with "
+        ):
+            suffix_words += 1
+        return words[position + suffix_words][1]
     return None
 
 
@@ -1430,9 +1432,9 @@ class OnnxRuntimeTrainingAdapter(OnnxRuntimeAdapter):
             spec, signature, model_ir_version(spec.opset, self._newest_ir)
         )
         graph = model.graph
-        kept = [value for value in graph.input if value.name not in parameters]
+        inputs = [value for value in graph.input if value.name not in parameters]
         del graph.input[:]
-        graph.input.extend(kept)
+        graph.input.extend(inputs)
         graph.initializer.extend(
             numpy_helper.from_array(array, name) for name, array in parameters.items()
         )

@@ -857,9 +857,9 @@ class _Computation:
         return outputs
 
     def _accumulated(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor | None]:
-        """The scheme "accumulate": K forward and backward steps, whose gradients
-        a Keras optimizer adds into its accumulators. Returns the output of the
-        last step and the accumulators after each step, stacked.
+        """Run the scheme "accumulate": K forward and backward steps, whose
+        gradients a Keras optimizer adds into its accumulators. Return the
+        output of the last step and the accumulators after each step, stacked.
 
         The optimizer accumulates the gradients of variables only, so x, gamma
         and beta become Keras variables. A Keras layer differentiates its own

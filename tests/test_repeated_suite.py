@@ -240,7 +240,7 @@ def test_buffer_dtype_follows_the_returned_values(values, container, dtype, expe
     assert repeated_backward.buffer_dtype(array, dtype) == expected
 
 
-def test_buffer_sums_follow_the_rounded_buffer_at_the_threshold():
+def test_buffer_sums_at_overflow_threshold():
     # float16 rounds 59980 to 59968 and 5541 to 5540: their sum, 65508, is
     # finite in a float16 buffer although the exact 65521 is not.
     near = repeated_backward.buffer_sums(

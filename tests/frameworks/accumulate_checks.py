@@ -24,6 +24,13 @@ def assert_running_sums(accumulated: Result, repeated: Result) -> None:
         assert not np.array_equal(steps[1], steps[2])
 
 
+def assert_same_buffers(first: Result, second: Result) -> None:
+    """Assert that two runs of one request return the same buffers, so that
+    each request starts from zero."""
+    np.testing.assert_array_equal(first.grad_beta_steps, second.grad_beta_steps)
+    np.testing.assert_array_equal(first.grad_input_steps, second.grad_input_steps)
+
+
 def assert_reported_sums(result: Result) -> None:
     """Assert the reported input's buffers after three calls with loss sum(y):
     dbeta = 4, 8 and 12 per channel, dgamma and dx 0 up to float32 roundoff."""
